@@ -1,0 +1,41 @@
+# Two entry points (see README): `make app` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; GPU users: `make app TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 8501
+
+.PHONY: app test install install-dev system-deps lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[export]"
+
+install-dev: install
+	$(PY) -m pip install -q -e ".[export,dev]"
+
+# Debian's chromium drives kaleido's PNG/SVG export and the real-browser test.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -q && apt-get install -y -q chromium chromium-driver) >/dev/null || \
+	  echo "warning: could not install chromium (needs root): PNG/SVG export and the browser test will skip"; }
+
+app: install
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+test: install-dev system-deps
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

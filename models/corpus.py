@@ -1,0 +1,34 @@
+"""The embedded demo corpus (KJV + Shakespeare) and packing text into n_ctx chunks."""
+
+from __future__ import annotations
+
+import json
+import lzma
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+CORPUS_PATH = Path(__file__).parent / "data" / "corpus.jsonl.xz"
+SPLITS = ("train", "heldout")
+
+
+def load_passages(split: str) -> list[str]:
+    """Passages of the embedded corpus for `split` ("train" or "heldout"), in file order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    with lzma.open(CORPUS_PATH, "rt", encoding="utf-8") as f:
+        return [d["text"] for d in map(json.loads, f) if d["split"] == split]
+
+
+def pack(token_lists: Iterable[list[int]], eot_id: int, n_ctx: int) -> torch.Tensor:
+    """Join documents with EOT between them and cut the stream into [N, n_ctx] chunks.
+
+    Every document is preceded by EOT (as GPT-2 was trained); the ragged tail is dropped.
+    """
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.append(eot_id)
+        stream.extend(ids)
+    n = len(stream) // n_ctx
+    return torch.tensor(stream[: n * n_ctx], dtype=torch.long).view(n, n_ctx)

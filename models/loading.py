@@ -1,0 +1,193 @@
+"""One loading layer: a model spec -> GPT2LMHeadModel (training) or TransformerBridge (analysis).
+
+A spec is a hub name (see models.registry), a local Hugging Face directory, or
+`demo` / `demo-lnfree`.  LN-free checkpoints (layer_norm_epsilon >= 1e6) are
+loaded with exact linear LNs (models.ln_free).  Every mistake a user can make
+raises ModelSpecError with one sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models import registry
+from models.ln_free import is_ln_free_config, make_exact
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# Memory needed relative to the weights: activations, the bridge's wrappers, allocator slack.
+MEMORY_OVERHEAD = 1.5
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be loaded; the message is one sentence for the user."""
+
+
+@dataclass
+class ModelInfo:
+    spec: str
+    path: str
+    ln_free: bool
+    sigmas: dict[str, float] | None
+    base: str | None = None  # for LN-free / fine-tuned models: the LN model they came from
+    config: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def twin(self) -> str | None:
+        """The spec this model is compared with: its LN-free twin or its LN base."""
+        return self.base if self.ln_free else registry.lnfree_twin(self.spec)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelSpecError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def resolve(spec: str) -> Path:
+    """The local directory holding `spec`'s files (downloading hub models if allowed)."""
+    spec = str(spec).strip()
+    if not spec:
+        raise ModelSpecError("The model spec is empty; give a hub name, a local directory or `demo`.")
+    if spec in registry.DEMO_DIRS:
+        path = registry.DEMO_DIRS[spec]
+        if not (path / "model.safetensors").exists():
+            raise ModelSpecError(
+                f"`{spec}` is not built yet; run `python -m lnfree.remove --model demo "
+                f"--output-dir {path}` (or `python -m models.pretrain_demo` for `demo`)."
+            )
+        return path
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec not in registry.HUB_MODELS:
+        return _check_local_dir(path, spec)
+    if spec in registry.HUB_MODELS:
+        return _download(spec)
+    known = ", ".join(sorted(registry.HUB_MODELS)[:6])
+    raise ModelSpecError(
+        f"Unknown model {spec!r}: give a GPT-2 hub name ({known}, ...), `demo`, `demo-lnfree`, "
+        f"or a local directory written by `lnfree.remove` or `save_pretrained`."
+    )
+
+
+def _check_local_dir(path: Path, spec: str) -> Path:
+    if not path.is_dir():
+        raise ModelSpecError(f"Model directory {spec!r} does not exist.")
+    if not (path / "config.json").exists():
+        raise ModelSpecError(f"{spec!r} has no config.json; point at a Hugging Face model directory.")
+    if not list(path.glob("*.safetensors")):
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+            raise ModelSpecError(
+                f"{spec!r} holds only pickled weights (.bin/.pt), which we never load; convert them with "
+                f"`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
+            )
+        raise ModelSpecError(f"{spec!r} has no .safetensors weights.")
+    return path
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch (or find in the local cache) a hub model's safetensors, config and tokenizer."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelSpecError(
+            f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(err).__name__}); run `huggingface-cli download {repo_id}` with network access, "
+            f"or point HF_HOME at a cache that holds it."
+        ) from None
+
+
+def read_config(path: Path, spec: str) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") != "gpt2":
+        raise ModelSpecError(
+            f"{spec!r} is a {cfg.get('model_type') or 'unknown'!s} model; this workbench handles GPT-2 "
+            f"(model_type gpt2) checkpoints only."
+        )
+    return cfg
+
+
+def estimate_bytes(cfg: dict, dtype: torch.dtype) -> int:
+    """Memory to hold the model for analysis: weights times a fixed overhead factor."""
+    shape = registry.Shape(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg.get("n_positions", 1024),
+                           cfg["vocab_size"])
+    return int(shape.params * torch.finfo(dtype).bits // 8 * MEMORY_OVERHEAD)
+
+
+def available_bytes(device: str) -> int:
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def check_memory(cfg: dict, dtype: torch.dtype, device: str, spec: str, copies: int = 1) -> None:
+    need = estimate_bytes(cfg, dtype) * copies
+    have = available_bytes(device)
+    if need > have:
+        raise ModelSpecError(
+            f"{spec!r} needs about {need / 2**30:.1f} GiB on {device} in {dtype} but only "
+            f"{have / 2**30:.1f} GiB is free; use a smaller dtype (bfloat16), another device, or a "
+            f"smaller model."
+        )
+
+
+def _check_device(device: str) -> str:
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSpecError("CUDA was requested but no GPU is visible; use device `cpu`.")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ModelSpecError(f"Unknown device {device!r}; use `cpu` or `cuda`.")
+    return device
+
+
+def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu", exact_ln: bool = True):
+    """Load `spec` as (GPT2LMHeadModel in eval mode, tokenizer, ModelInfo).
+
+    LN-free checkpoints get FixedLayerNorm modules unless exact_ln=False (then
+    they stay plain nn.LayerNorm in the eps = 1e12 convention, as on disk).
+    """
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    dtype, device = parse_dtype(dtype), _check_device(device)
+    path = resolve(spec)
+    cfg = read_config(path, spec)
+    check_memory(cfg, dtype, device, spec)
+    try:
+        model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelSpecError(f"Could not load {spec!r}: {str(err).splitlines()[0]}") from None
+    model.to(device).eval()
+    ln_free = is_ln_free_config(model.config)
+    sigmas = make_exact(model) if ln_free and exact_ln else None
+    if ln_free and not exact_ln:
+        sigmas = {n: float(s) for n, s in (getattr(model.config, "lnfree_sigmas", None) or {}).items()} or None
+    base = cfg.get("lnfree_base") or registry.base_of(spec)
+    return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg)
+
+
+def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load `spec` as (TransformerBridge, ModelInfo) for analysis.
+
+    For LN-free models every normalisation component of the bridge computes the
+    exact linear map, and its hook_scale is the constant sigma.
+    """
+    from models.bridge import bridge_from_hf
+
+    model, tokenizer, info = load_hf(spec, dtype, device)
+    return bridge_from_hf(model, tokenizer, info.spec), info

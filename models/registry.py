@@ -1,0 +1,75 @@
+"""Known model specs: the GPT-2 family, the paper's LN-free releases, the demo pair.
+
+Shapes of hub models are listed so that memory estimates (and `lnfree.remove
+--dry-run`) need no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).parent
+DEMO_DIRS = {"demo": MODELS_DIR / "demo", "demo-lnfree": MODELS_DIR / "demo-lnfree"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ctx: int = 1024
+    vocab: int = 50257
+
+    @property
+    def params(self) -> int:
+        """Parameter count of a GPT2LMHeadModel of this shape (tied unembedding)."""
+        d, L = self.n_embd, self.n_layer
+        block = 12 * d * d + 13 * d  # attn (4d^2+4d) + mlp (8d^2+5d) + 2 LNs (4d)
+        return self.vocab * d + self.n_ctx * d + L * block + 2 * d
+
+
+GPT2_SHAPES = {
+    "gpt2": Shape(12, 768, 12),
+    "gpt2-medium": Shape(24, 1024, 16),
+    "gpt2-large": Shape(36, 1280, 20),
+    "gpt2-xl": Shape(48, 1600, 25),
+}
+
+# LN model -> its LN-free twin (the paper's releases; our demo pair).
+PAIRS = {
+    "gpt2": "schaeff/gpt2-small_LNFree300",
+    "gpt2-medium": "schaeff/gpt2-medium_LNFree500",
+    "gpt2-large": "schaeff/gpt2-large_LNFree600",
+    "gpt2-xl": "schaeff/gpt2-xl_LNFree800",
+    "demo": "demo-lnfree",
+}
+# The vanilla fine-tuning controls released with the paper.
+VANILLA = {
+    "gpt2": "schaeff/gpt2-small_vanilla300",
+    "gpt2-medium": "schaeff/gpt2-medium_vanilla500",
+    "gpt2-large": "schaeff/gpt2-large_vanilla600",
+    "gpt2-xl": "schaeff/gpt2-xl_vanilla800",
+}
+EXTRA_LNFREE = {"apollo-research/gpt2_noLN": "gpt2"}
+
+HUB_MODELS: dict[str, Shape] = dict(GPT2_SHAPES)
+for _base, _twin in PAIRS.items():
+    if _base in GPT2_SHAPES:
+        HUB_MODELS[_twin] = GPT2_SHAPES[_base]
+        HUB_MODELS[VANILLA[_base]] = GPT2_SHAPES[_base]
+for _twin, _base in EXTRA_LNFREE.items():
+    HUB_MODELS[_twin] = GPT2_SHAPES[_base]
+
+
+def base_of(spec: str) -> str | None:
+    """The LN model that a known LN-free (or vanilla) spec was fine-tuned from."""
+    for base, twin in PAIRS.items():
+        if spec in (twin, VANILLA.get(base)):
+            return base
+    return EXTRA_LNFREE.get(spec)
+
+
+def lnfree_twin(spec: str) -> str | None:
+    """The known LN-free twin of an LN spec, if any."""
+    return PAIRS.get(spec)
