@@ -59,10 +59,9 @@ def resolve(spec: str) -> Path:
     if spec in registry.DEMO_DIRS:
         path = registry.DEMO_DIRS[spec]
         if not (path / "model.safetensors").exists():
-            raise ModelSpecError(
-                f"`{spec}` is not built yet; run `python -m lnfree.remove --model demo "
-                f"--output-dir {path}` (or `python -m models.pretrain_demo` for `demo`)."
-            )
+            how = ("python -m models.pretrain_demo" if spec == "demo"
+                   else "python -m lnfree.remove --model demo --output-dir models/demo-lnfree")
+            raise ModelSpecError(f"`{spec}` is not built yet; build it with `{how}`.")
         return path
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec not in registry.HUB_MODELS:
@@ -161,7 +160,10 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     they stay plain nn.LayerNorm in the eps = 1e12 convention, as on disk).
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     dtype, device = parse_dtype(dtype), _check_device(device)
     path = resolve(spec)
     cfg = read_config(path, spec)

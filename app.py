@@ -1,0 +1,228 @@
+"""lnfree workbench: an LN model and its LN-free twin, side by side.
+
+    streamlit run app.py
+
+Layout and widgets only: loading lives in models/, every number in attribution/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from functools import partial
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
+from attribution import export as exporting
+from models import PAIRS, ModelSpecError, load_bridge
+
+st.set_page_config(page_title="lnfree workbench", layout="wide")
+
+CUSTOM_PAIR = "Custom (hub names or local directories)"
+PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
+DEFAULT_PAIR = "demo  |  demo-lnfree"
+TASK_HELP = {
+    "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
+    "ioi": "Indirect object identification; corrupted: the names swapped.",
+    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt).",
+}
+USER_ERRORS = (ModelSpecError, AttributionInputError)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading model...")
+def get_model(spec: str, dtype: str, device: str):
+    """At most two models stay loaded (one pair), so switching pairs does not accumulate memory."""
+    return load_bridge(spec, dtype, device)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def get_results(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: tuple,
+                _progress=None) -> PairResults:
+    ln, ln_info = get_model(ln_spec, dtype, device)
+    lf, lf_info = get_model(lnfree_spec, dtype, device)
+    return compare(ln, ln_info, lf, lf_info, Settings(**dict(settings)), progress=_progress)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int, head: int):
+    bridge, _ = get_model(spec, dtype, device)
+    return attention_pattern(bridge, Settings(**dict(settings)), layer, head)
+
+
+def sidebar() -> tuple[str, str, str, str, Settings, str]:
+    sb = st.sidebar
+    sb.title("lnfree workbench")
+    label = sb.selectbox("Model pair (LN | LN-free)", [*PAIR_LABELS, CUSTOM_PAIR],
+                         index=list(PAIR_LABELS).index(DEFAULT_PAIR), key="pair")
+    if label == CUSTOM_PAIR:
+        ln_spec = sb.text_input("LN model", "demo", help="Hub name or local directory", key="ln_spec")
+        lnfree_spec = sb.text_input("LN-free model", "demo-lnfree",
+                                    help="Hub name or a directory written by `python -m lnfree.remove`",
+                                    key="lnfree_spec")
+    else:
+        ln_spec, lnfree_spec = PAIR_LABELS[label]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    dtype = sb.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype")
+    device = sb.selectbox("device", devices, key="device")
+
+    sb.header("Task")
+    task = sb.radio("Task", list(TASK_HELP), horizontal=True, label_visibility="collapsed", key="task")
+    sb.caption(TASK_HELP[task])
+    fields = {}
+    if task == "custom":
+        fields["prompt"] = sb.text_area("Prompt", "When Mary and John went to the store, John gave a drink to",
+                                       key="prompt")
+        fields["answer"] = sb.text_input("Answer", " Mary", key="answer")
+        fields["counterfactual"] = sb.text_input("Counterfactual", " John", key="counterfactual")
+        fields["corrupt"] = sb.text_area("Corrupted prompt (optional)",
+                                         "When Mary and John went to the store, Mary gave a drink to",
+                                         key="corrupt")
+    else:
+        fields["n_prompts"] = sb.slider("Prompts", 1, 32, 8, key="n_prompts")
+        if task == "induction":
+            fields["seq_len"] = sb.slider("Length of each random copy", 4, 60, 20, key="seq_len")
+    sb.header("Settings")
+    position = sb.number_input("Metric position (-1 = last)", value=-1, step=1, key="position")
+    top_k = sb.slider("Top-k", 1, 30, 10, key="top_k")
+    method = sb.radio("Attribution patching", ["atp*", "atp"], horizontal=True,
+                      format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
+    settings = Settings(task=task, position=int(position), top_k=top_k, **fields)
+    return ln_spec, lnfree_spec, dtype, device, settings, method
+
+
+def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
+    """HTML / PNG / SVG of a figure and the CSV of its numbers; images are made on click."""
+    cols = st.columns(4)
+    cols[0].download_button("HTML", partial(exporting.figure_bytes, fig, "html"), f"{name}.html",
+                            "text/html", key=f"{key}-html", on_click="ignore")
+    problem = exporting.image_export_problem()
+    for col, fmt, mime in ((cols[1], "png", "image/png"), (cols[2], "svg", "image/svg+xml")):
+        col.download_button(fmt.upper(), partial(exporting.figure_bytes, fig, fmt), f"{name}.{fmt}", mime,
+                            key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
+                            help=problem)
+    if table:
+        cols[3].download_button("CSV", exporting.table_csv(table), f"{name}.csv", "text/csv",
+                                key=f"{key}-csv", on_click="ignore")
+
+
+def figure(pair: PairResults, name: str, caption: str = "") -> None:
+    fig = plots.FIGURES[name](pair)
+    st.plotly_chart(fig, key=f"fig-{name}")
+    if caption:
+        st.caption(caption)
+    download_row(fig, name, exporting.figure_table(name, pair), key=name)
+
+
+def summary_frame(pair: PairResults) -> pd.DataFrame:
+    rows = {}
+    for label, res in (("LN", pair.ln), ("LN-free", pair.lnfree)):
+        a, s = res.agreement["atp"], res.agreement["atpstar"]
+        rows[f"{label}: {res.spec}"] = {
+            "metric (clean)": res.metric_clean, "metric (corrupted)": res.metric_corrupt,
+            "DLA NMAE vs direct effect": res.dla_nmae,
+            "AtP Pearson": a["pearson"], "AtP Spearman": a["spearman"],
+            f"AtP top-{pair.settings.top_k} recall": a["topk_recall"], "AtP MAE": a["mae"],
+            "AtP* Pearson": s["pearson"], "AtP* Spearman": s["spearman"],
+            f"AtP* top-{pair.settings.top_k} recall": s["topk_recall"], "AtP* MAE": s["mae"],
+        }
+    return pd.DataFrame(rows)
+
+
+def zip_all(pair: PairResults, names: list[str]) -> bytes:
+    """Every figure (HTML, and PNG/SVG when chromium is present), its CSV, and the JSON of numbers."""
+    images = exporting.image_export_problem() is None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("results.json", json.dumps(pair.to_json(), indent=2))
+        zf.writestr("settings.json", json.dumps(dataclasses.asdict(pair.settings), indent=2))
+        zf.writestr("summary.csv", summary_frame(pair).to_csv())
+        for name in names:
+            fig = plots.FIGURES[name](pair)
+            zf.writestr(f"{name}.html", exporting.figure_bytes(fig, "html"))
+            table = exporting.figure_table(name, pair)
+            if table:
+                zf.writestr(f"{name}.csv", exporting.table_csv(table))
+            if images:
+                for fmt in ("png", "svg"):
+                    zf.writestr(f"{name}.{fmt}", exporting.figure_bytes(fig, fmt))
+    return buf.getvalue()
+
+
+def predictions(pair: PairResults) -> None:
+    cols = st.columns(2)
+    for col, label, res in ((cols[0], "LN", pair.ln), (cols[1], "LN-free", pair.lnfree)):
+        with col:
+            st.subheader(f"{label}: `{res.spec}`")
+            m = st.columns(2)
+            m[0].metric("metric, clean", f"{res.metric_clean:.3f}")
+            m[1].metric("metric, corrupted", f"{res.metric_corrupt:.3f}")
+            table = pd.DataFrame(res.top_tokens, columns=["next token", "probability"])
+            st.dataframe(table, hide_index=True, key=f"top-{label}")
+
+
+def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairResults) -> None:
+    n_layers, n_heads = pair.ln.dla_heads.shape
+    cols = st.columns(2)
+    layer = cols[0].number_input("Layer", 0, n_layers - 1, n_layers - 1, key="layer")
+    head = cols[1].number_input("Head", 0, n_heads - 1, 0, key="head")
+    p_ln, tok_ln = get_pattern(ln_spec, dtype, device, key, int(layer), int(head))
+    p_lf, tok_lf = get_pattern(lnfree_spec, dtype, device, key, int(layer), int(head))
+    fig = plots.attention_figure(p_ln, tok_ln, p_lf, tok_lf, int(layer), int(head))
+    st.plotly_chart(fig, key="fig-attention")
+    download_row(fig, f"attention_L{layer}H{head}", None, key="attention")
+
+
+def main() -> None:
+    ln_spec, lnfree_spec, dtype, device, settings, method = sidebar()
+    st.title("LayerNorm vs LN-free")
+    st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
+               "checked against activation patching. Left: LN model. Right: its LN-free twin.")
+    # The AtP / AtP* choice only selects what is shown: both are computed once.
+    key = tuple(sorted(dataclasses.asdict(dataclasses.replace(settings, method="atp*")).items()))
+    bar = st.progress(0.0, text="Computing...")
+    try:
+        pair = get_results(ln_spec, lnfree_spec, dtype, device, key,
+                           _progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
+    except USER_ERRORS as err:
+        bar.empty()
+        st.error(str(err))
+        st.stop()
+    bar.empty()
+
+    st.header("1. Predictions")
+    predictions(pair)
+    st.header("2. Direct logit attribution")
+    m = st.columns(2)
+    m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
+    m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
+    figure(pair, "dla_heads")
+    figure(pair, "dla_layers")
+    figure(pair, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
+                              "when that head's output is removed from the final residual stream.")
+    st.header("3. Activation patching vs attribution patching")
+    figure(pair, "patch_heads")
+    figure(pair, "atp_heads" if method == "atp" else "atpstar_heads")
+    figure(pair, "atp_vs_patch")
+    figure(pair, "patch_resid")
+    st.header("4. Logit lens")
+    figure(pair, "logit_lens")
+    st.header("5. Attention pattern")
+    attention_panel(ln_spec, lnfree_spec, dtype, device, key, pair)
+    st.header("6. Summary")
+    summary = summary_frame(pair)
+    st.dataframe(summary, key="summary")
+    cols = st.columns(2)
+    cols[0].download_button("Summary CSV", summary.to_csv(), "summary.csv", "text/csv", on_click="ignore")
+    cols[1].download_button("Download all (zip)", partial(zip_all, pair, list(plots.FIGURES)),
+                            "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
+
+
+try:
+    main()
+except USER_ERRORS as err:  # e.g. a bad layer/head or a model failing on a later step
+    st.error(str(err))

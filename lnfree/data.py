@@ -1,0 +1,170 @@
+"""Token data for removal and evaluation: OpenWebText (streamed), the Pile subset, local text, demo corpus.
+
+Every source yields documents; they are tokenised with the model's tokenizer,
+joined with EOT and packed into n_ctx chunks (models.corpus.pack).  Training
+batches are a deterministic function of the step (see `TrainData.batch`), so a
+resumed or multi-process run sees exactly the chunks an uninterrupted
+single-process run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.corpus import load_passages, pack
+
+OPENWEBTEXT = "Skylion007/openwebtext"
+OPENWEBTEXT_DOCS = 8_013_769  # rows of OpenWebText's train split
+OWT_TEST_SIZE, OWT_SEED = 0.0005, 2357  # nanoGPT's split, used by the paper
+PILE_FILTERED = "lucabaroni/apollo-pile-filtered-10k"
+DATASETS = ("openwebtext", "pile-filtered", "demo")
+LOCAL_HELDOUT_FRACTION = 0.05
+
+
+class DataError(ValueError):
+    """Unreadable or unusable data; the message is one sentence for the user."""
+
+
+def owt_test_indices() -> set[int]:
+    """Document indices of the paper's OpenWebText validation split.
+
+    datasets' train_test_split(test_size=0.0005, seed=2357) takes the first
+    ceil(test_size * n) entries of np.random.default_rng(seed).permutation(n);
+    recomputing them lets a streamed dataset reproduce the split without the
+    whole download.
+    """
+    n_test = math.ceil(OWT_TEST_SIZE * OPENWEBTEXT_DOCS)
+    return set(np.random.default_rng(OWT_SEED).permutation(OPENWEBTEXT_DOCS)[:n_test].tolist())
+
+
+def _stream_hub(name: str, split: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        if name == "openwebtext":
+            test = owt_test_indices()
+            rows = datasets.load_dataset(OPENWEBTEXT, split="train", streaming=True)
+            want_test = split == "heldout"
+            for i, row in enumerate(rows):
+                if (i in test) == want_test:
+                    yield row["text"]
+        else:  # pile-filtered: an evaluation set, the same documents for either split
+            yield from (row["text"] for row in datasets.load_dataset(PILE_FILTERED, split="train",
+                                                                     streaming=True))
+    except (OSError, ValueError, ConnectionError) as err:
+        raise DataError(f"Could not stream {name} from the Hugging Face hub ({type(err).__name__}); "
+                        f"check network access or use --data PATH with local text.") from None
+
+
+def _local_documents(path: Path) -> list[str]:
+    if not path.exists():
+        raise DataError(f"Data path {str(path)!r} does not exist.")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{str(path)!r} holds no .txt or .jsonl files.")
+    docs: list[str] = []
+    for f in files:
+        try:
+            if f.suffix == ".jsonl":
+                for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                            raise DataError(f"{f}:{n} has no string field `text`.")
+                        docs.append(row["text"])
+            elif f.suffix == ".txt":
+                docs.append(f.read_text(encoding="utf-8"))
+            else:
+                raise DataError(f"{str(f)!r} is neither .txt nor .jsonl; give text or JSON-lines files.")
+        except (UnicodeDecodeError, json.JSONDecodeError, OSError) as err:
+            raise DataError(f"Could not read {str(f)!r} ({type(err).__name__}); give UTF-8 .txt or "
+                            f".jsonl files.") from None
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"{str(path)!r} holds no text.")
+    return docs
+
+
+def documents(source: str, split: str) -> Iterable[str]:
+    """Documents of `source` ("openwebtext", "pile-filtered", "demo", or a local path) for a split.
+
+    Local data: whole .txt files (or paragraphs, for a single file) and .jsonl rows;
+    the last LOCAL_HELDOUT_FRACTION of them (at least one) are held out.
+    """
+    if source == "demo":
+        return load_passages("train" if split == "train" else "heldout")
+    if source in ("openwebtext", "pile-filtered"):
+        return _stream_hub(source, split)
+    docs = _local_documents(Path(source))
+    if len(docs) == 1:  # one long text file: split it into paragraphs so that it can be held out
+        docs = [p for p in docs[0].split("\n\n") if p.strip()]
+    n_held = max(1, int(len(docs) * LOCAL_HELDOUT_FRACTION)) if len(docs) > 1 else 0
+    return docs[len(docs) - n_held:] if split == "heldout" else docs[: len(docs) - n_held] or docs
+
+
+def tokenize_chunks(docs: Iterable[str], tokenizer, n_ctx: int, max_tokens: int | None = None,
+                    desc: str = "tokenising") -> torch.Tensor:
+    """Pack documents into [N, n_ctx] chunks, stopping once max_tokens are collected."""
+    eot = tokenizer.eos_token_id
+    lists, total = [], 0
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True, total=max_tokens, leave=False)
+    for doc in docs:
+        ids = tokenizer(doc, verbose=False)["input_ids"]
+        lists.append(ids)
+        total += len(ids) + 1
+        bar.update(len(ids) + 1)
+        if max_tokens is not None and total >= max_tokens + n_ctx:
+            break
+    bar.close()
+    chunks = pack(lists, eot, n_ctx)
+    if max_tokens is not None:
+        chunks = chunks[: max(1, math.ceil(max_tokens / n_ctx))]
+    return chunks
+
+
+class TrainData:
+    """Training chunks addressed by a global index: epoch e uses a seeded permutation of all chunks.
+
+    Streaming sources are materialised up to the tokens the run needs (max_tokens).
+    """
+
+    def __init__(self, chunks: torch.Tensor, seed: int):
+        if len(chunks) == 0:
+            raise DataError("The training data is shorter than one context window; give more text.")
+        # int32 halves the memory of a materialised stream (GPT-2 vocabularies fit easily).
+        self.chunks, self.seed = chunks.to(torch.int32), seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.chunks), generator=g)
+        return self._perms[epoch]
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        n = len(self.chunks)
+        idx = [int(self._perm(i // n)[i % n]) for i in range(start, start + count)]
+        return self.chunks[idx].long()
+
+    def batch(self, step: int, micro: int, seqs_per_step: int, micro_index: int) -> torch.Tensor:
+        """The micro_index-th micro-batch of optimizer step `step` (1-based), over all processes."""
+        return self.rows((step - 1) * seqs_per_step + micro_index * micro, micro)
+
+
+def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None, eval_tokens: int,
+                    seed: int) -> tuple[TrainData, torch.Tensor]:
+    """Training data and held-out chunks for `source` (demo / openwebtext / a local path)."""
+    streamed = source in ("openwebtext", "pile-filtered")
+    train = tokenize_chunks(documents(source, "train"), tokenizer, n_ctx,
+                            train_tokens if streamed else None, desc="tokenising train")
+    held = tokenize_chunks(documents(source, "heldout"), tokenizer, n_ctx, eval_tokens, desc="tokenising held-out")
+    if len(held) == 0:
+        raise DataError("The held-out split is shorter than one context window; give more text.")
+    return TrainData(train, seed), held

@@ -1,0 +1,119 @@
+"""The paper's removal recipes (arXiv 2507.02559, DESIGN.md) as dataclasses, and removal schedules.
+
+Step numbers count optimizer steps from 1; an LN removed "at step s" is frozen
+just before step s's forward pass.  Within each stage layers go 0, 1, 2, ...
+`gap` steps apart: every ln_2, then every ln_1 q/k path, then every ln_1 v path,
+then ln_f.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from lnfree.fake_ln import fake_ln_names
+
+TARGET_FRACTION = 0.7  # a compressed schedule removes its last LN by this fraction of the run
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    steps: int  # optimizer steps of the full recipe
+    lr: float
+    min_lr: float
+    warmup: int
+    aux_lambda: float
+    ln2_start: int
+    ln2_gap: int
+    qk_start: int
+    qk_gap: int
+    v_start: int
+    v_gap: int
+    lnf_step: int
+    micro_batch: int  # sequences per device per forward pass
+    grad_accum: int  # micro-batches per optimizer step, summed over all processes
+    n_ctx: int = 1024
+    momentum: float = 0.9  # sigma EMA momentum per micro-batch (the paper's convention)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    release_step: int | None = None  # the paper's released checkpoint (if shorter than `steps`)
+
+    @property
+    def seqs_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seqs_per_step * self.n_ctx
+
+    @property
+    def step_momentum(self) -> float:
+        """EMA momentum per optimizer step (sigma is updated once per step from all micro-batches)."""
+        return self.momentum**self.grad_accum
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _paper(name, steps, lr, min_lr, warmup, aux, ln2, qk, v, lnf, gaps, micro, release=None) -> Recipe:
+    accum = 2**19 // (micro * 1024)  # 2^19 = 524,288 tokens per optimizer step, as the paper's config
+    momentum = 0.9 if micro >= 16 else 0.9 ** (micro / 32)
+    return Recipe(name, steps, lr, min_lr, warmup, aux, ln2, gaps[0], qk, gaps[1], v, gaps[2], lnf,
+                  micro, accum, 1024, momentum, release_step=release)
+
+
+RECIPES: dict[str, Recipe] = {
+    "gpt2": _paper("gpt2", 300, 6e-4, 3e-4, 25, 0.1, 20, 44, 68, 104, (2, 2, 3), 32),
+    "gpt2-medium": _paper("gpt2-medium", 500, 6e-4, 3e-4, 10, 0.1, 20, 68, 116, 188, (2, 2, 3), 16),
+    "gpt2-large": _paper("gpt2-large", 1200, 3e-4, 4e-5, 15, 0.03, 30, 174, 318, 534, (4, 4, 6), 8, 600),
+    "gpt2-xl": _paper("gpt2-xl", 1200, 1e-4, 2e-5, 20, 0.01, 50, 242, 434, 722, (4, 4, 6), 4, 800),
+    # 4 layers, ctx 256, 2 CPU cores: every LN gone by step 48 of 200 (see README for the run).
+    "demo": Recipe("demo", 200, 6e-4, 3e-4, 10, 0.1, 20, 2, 28, 2, 36, 3, 48, micro_batch=8, grad_accum=1,
+                   n_ctx=256, momentum=0.9),
+}
+MODEL_RECIPE = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
+                "gpt2-xl": "gpt2-xl", "demo": "demo"}
+RECIPE_FIELDS = {f.name: f.type for f in fields(Recipe) if f.name != "name"}
+
+
+def recipe_for_model(spec: str, n_layer: int | None = None) -> str:
+    """The default recipe of a model spec: its own, else by depth (12/24/36/48 layers), else gpt2."""
+    if spec in MODEL_RECIPE:
+        return MODEL_RECIPE[spec]
+    by_depth = {12: "gpt2", 24: "gpt2-medium", 36: "gpt2-large", 48: "gpt2-xl", 4: "demo"}
+    return by_depth.get(n_layer or 0, "gpt2")
+
+
+def override(recipe: Recipe, **values) -> Recipe:
+    """The recipe with the given (non-None) fields replaced."""
+    return replace(recipe, **{k: v for k, v in values.items() if v is not None})
+
+
+def schedule(recipe: Recipe, n_layer: int, max_steps: int | None = None) -> dict[str, int]:
+    """Removal step of every FakeLayerNorm (see fake_ln.fake_ln_names), for a run of max_steps.
+
+    A run shorter than the recipe compresses the schedule proportionally (and further if
+    needed) so that the last LN goes by TARGET_FRACTION of the run.
+    """
+    steps = {}
+    for i in range(n_layer):
+        steps[f"blocks.{i}.ln2"] = recipe.ln2_start + i * recipe.ln2_gap
+        steps[f"blocks.{i}.ln1.qk"] = recipe.qk_start + i * recipe.qk_gap
+        steps[f"blocks.{i}.ln1.v"] = recipe.v_start + i * recipe.v_gap
+    steps["ln_final"] = recipe.lnf_step
+    n = max_steps or recipe.steps
+    if n < recipe.steps:
+        last = max(steps.values())
+        scale = min(n / recipe.steps, TARGET_FRACTION * n / last)
+        steps = {k: max(1, math.floor(v * scale)) for k, v in steps.items()}
+    return {k: steps[k] for k in fake_ln_names(n_layer)}
+
+
+def check_schedule(steps: dict[str, int], total: int) -> str | None:
+    """A user-facing problem with a schedule, or None."""
+    late = [k for k, s in steps.items() if s > total]
+    if late:
+        return (f"{len(late)} LayerNorms (first {late[0]}) would be removed after the last step {total}; "
+                f"lower the removal steps or raise --max-steps.")
+    return None

@@ -1,0 +1,239 @@
+"""models/: loading LN and LN-free checkpoints, the bridge, errors, inspect CLI, the demo model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models import ModelSpecError, load_bridge, load_hf, loading, registry
+from models.ln_free import FixedLayerNorm, ln_modules
+from tests.conftest import tiny_model, write_lnfree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ids_for(tokenizer, n=3, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(tokenizer), (n, length), generator=g)
+
+
+def fake_ln_reference(model, sigmas):
+    """Plain-torch reference: the same model with each LN as (x - mean) / sigma * gamma + beta."""
+    import copy
+
+    ref = copy.deepcopy(model)
+
+    class Fake(torch.nn.Module):
+        def __init__(self, ln, sigma):
+            super().__init__()
+            self.w, self.b, self.sigma = ln.weight, ln.bias, sigma
+
+        def forward(self, x):
+            return (x - x.mean(-1, keepdim=True)) / self.sigma * self.w + self.b
+
+    for name, (parent, attr, _) in ln_modules(ref).items():
+        setattr(parent, attr, Fake(getattr(parent, attr), sigmas[name]))
+    return ref
+
+
+def test_ln_checkpoint_matches_transformers(tiny_ln_dir, tokenizer):
+    ids = ids_for(tokenizer)
+    ref = GPT2LMHeadModel.from_pretrained(tiny_ln_dir, attn_implementation="eager").eval()
+    model, tok, info = load_hf(str(tiny_ln_dir))
+    bridge, _ = load_bridge(str(tiny_ln_dir))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert (model(ids).logits - expected).abs().max() < 1e-4
+        assert (bridge(ids) - expected).abs().max() < 1e-4
+    assert not info.ln_free and info.sigmas is None
+    assert len(tok) == len(tokenizer)
+    assert all(isinstance(getattr(p, a), torch.nn.LayerNorm) for p, a, _ in ln_modules(model).values())
+
+
+def test_lnfree_checkpoint_loads_exact(tiny_lnfree_dir, tokenizer, tiny_sigmas):
+    ids = ids_for(tokenizer)
+    expected = fake_ln_reference(tiny_model(tokenizer), tiny_sigmas)(ids).logits.detach()
+    plain = GPT2LMHeadModel.from_pretrained(tiny_lnfree_dir, attn_implementation="eager").eval()
+    model, _, info = load_hf(str(tiny_lnfree_dir))
+    bridge, binfo = load_bridge(str(tiny_lnfree_dir))
+    assert info.ln_free and binfo.ln_free
+    assert info.sigmas == pytest.approx(tiny_sigmas, rel=1e-6)
+    assert all(isinstance(getattr(p, a), FixedLayerNorm) for p, a, _ in ln_modules(model).values())
+    with torch.no_grad():
+        assert (plain(ids).logits - expected).abs().max() < 1e-4  # the convention itself
+        assert (model(ids).logits - expected).abs().max() < 1e-4
+        assert (bridge(ids) - expected).abs().max() < 1e-4
+
+
+def test_lnfree_sigmas_implied_when_not_recorded(tmp_path, tokenizer):
+    """Third-party checkpoints carry no sigmas; with gamma = 1 they are recovered exactly."""
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        for parent, attr, _ in ln_modules(model).values():
+            getattr(parent, attr).weight.fill_(1.0)
+    sigmas = {name: 2.0 + i for i, name in enumerate(ln_modules(model))}
+    write_lnfree(model, sigmas, tmp_path, record_sigmas=False)
+    tokenizer.save_pretrained(tmp_path)
+    _, _, info = load_hf(str(tmp_path))
+    assert info.sigmas == pytest.approx(sigmas, rel=1e-5)
+
+
+def test_lnfree_residual_decomposition_needs_no_scale(tiny_lnfree_dir, tokenizer, tiny_sigmas):
+    """Embeddings + every attn/MLP output, each centred, /sigma_f * gamma + beta, times W_U = logits.
+
+    Computed in plain torch from the transformers model with forward hooks.
+    """
+    ids = ids_for(tokenizer)
+    model = GPT2LMHeadModel.from_pretrained(tiny_lnfree_dir, attn_implementation="eager").eval()
+    parts = []
+    hooks = [blk.attn.register_forward_hook(lambda m, i, o: parts.append(o[0])) for blk in model.transformer.h]
+    hooks += [blk.mlp.register_forward_hook(lambda m, i, o: parts.append(o)) for blk in model.transformer.h]
+    with torch.no_grad():
+        logits = model(ids).logits
+        pos = torch.arange(ids.shape[1])
+        parts.append(model.transformer.wte(ids) + model.transformer.wpe(pos))
+    for h in hooks:
+        h.remove()
+    ln_f = model.transformer.ln_f
+    gamma = ln_f.weight / 1e6 * tiny_sigmas["ln_final"]
+    w_u = model.lm_head.weight.T
+    total = sum(((p - p.mean(-1, keepdim=True)) / tiny_sigmas["ln_final"] * gamma) @ w_u for p in parts)
+    total = total + ln_f.bias @ w_u
+    assert (total - logits).abs().max() < 1e-4
+
+
+def test_bridge_lnfree_scale_is_constant_sigma(tiny_lnfree_dir, tokenizer, tiny_sigmas):
+    bridge, _ = load_bridge(str(tiny_lnfree_dir))
+    _, cache = bridge.run_with_cache(ids_for(tokenizer))
+    scale = cache["ln_final.hook_scale"]
+    assert torch.allclose(scale, torch.full_like(scale, tiny_sigmas["ln_final"]))
+
+
+def test_dtype_option(tiny_ln_dir):
+    model, _, _ = load_hf(str(tiny_ln_dir), dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelSpecError, match="Unknown dtype"):
+        load_hf(str(tiny_ln_dir), dtype="float8")
+
+
+def test_pairing_from_recorded_base(tmp_path, tokenizer, tiny_sigmas):
+    model = tiny_model(tokenizer)
+    model.config.lnfree_base = "demo"
+    write_lnfree(model, tiny_sigmas, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, _, info = load_hf(str(tmp_path))
+    assert info.base == "demo" and info.twin == "demo"
+    assert registry.lnfree_twin("gpt2") == "schaeff/gpt2-small_LNFree300"
+    assert registry.base_of("schaeff/gpt2-xl_LNFree800") == "gpt2-xl"
+    assert registry.base_of("apollo-research/gpt2_noLN") == "gpt2"
+
+
+def test_shape_params_match_real_model():
+    shape = registry.Shape(n_layer=3, n_embd=48, n_head=4, n_ctx=32, vocab=101)
+    cfg = GPT2Config(n_layer=3, n_embd=48, n_head=4, n_positions=32, vocab_size=101)
+    assert shape.params == sum(p.numel() for p in GPT2LMHeadModel(cfg).parameters())
+    assert registry.GPT2_SHAPES["gpt2"].params == 124_439_808
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("no-such-model", "Unknown model"),
+        ("./missing_dir", "does not exist"),
+        ("", "empty"),
+        ("gpt2", "not in the local Hugging Face cache"),
+        ("schaeff/gpt2-small_LNFree300", "huggingface-cli download"),
+    ],
+)
+def test_bad_specs(spec, match):
+    with pytest.raises(ModelSpecError, match=match):
+        load_hf(spec)
+
+
+def test_pickled_and_foreign_checkpoints_refused(tmp_path, tiny_ln_dir):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_ln_dir / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ModelSpecError, match="pickled"):
+        load_hf(str(pickled))
+    foreign = tmp_path / "llama"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"x": torch.zeros(1)}, foreign / "model.safetensors")
+    with pytest.raises(ModelSpecError, match="GPT-2"):
+        load_hf(str(foreign))
+
+
+def test_memory_check_fails_clearly(monkeypatch):
+    monkeypatch.setattr(loading, "available_bytes", lambda device: 2 * 2**30)
+    xl = registry.GPT2_SHAPES["gpt2-xl"]
+    cfg = {"n_layer": xl.n_layer, "n_embd": xl.n_embd, "n_head": xl.n_head, "vocab_size": xl.vocab}
+    with pytest.raises(ModelSpecError, match="needs about 8.7 GiB"):
+        loading.check_memory(cfg, torch.float32, "cpu", "gpt2-xl")
+    small = registry.GPT2_SHAPES["gpt2"]
+    loading.check_memory({"n_layer": small.n_layer, "n_embd": small.n_embd, "n_head": small.n_head,
+                          "vocab_size": small.vocab}, torch.float32, "cpu", "gpt2")
+
+
+def run_inspect(spec):
+    return subprocess.run([sys.executable, "-m", "models.inspect", spec], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_inspect_cli(tiny_ln_dir, tiny_lnfree_dir, tiny_sigmas):
+    out = json.loads(run_inspect(str(tiny_ln_dir)).stdout)
+    assert out["ln_free"] is False and out["sigmas"] is None
+    assert (out["n_layers"], out["d_model"], out["n_heads"], out["n_ctx"]) == (2, 64, 4, 64)
+    real = GPT2LMHeadModel.from_pretrained(tiny_ln_dir)
+    assert out["params"] == sum(p.numel() for p in real.parameters())
+    assert out["d_vocab"] == real.config.vocab_size
+    out = json.loads(run_inspect(str(tiny_lnfree_dir)).stdout)
+    assert out["ln_free"] is True
+    assert out["sigmas"] == pytest.approx(tiny_sigmas, rel=1e-6)
+
+
+def test_inspect_cli_bad_spec():
+    res = run_inspect("definitely-not-a-model")
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+# --- the embedded demo model -------------------------------------------------------------
+
+DEMO = ROOT / "models" / "demo"
+needs_demo = pytest.mark.skipif(not (DEMO / "model.safetensors").exists(), reason="demo model not built")
+
+
+@needs_demo
+def test_demo_model_size_and_quality():
+    from models.corpus import load_passages, pack
+    from models.quality import induction_losses, token_losses
+
+    model, tok, info = load_hf("demo")
+    report = json.loads((DEMO / "training.json").read_text())
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (4, 256, 4, 256, 8192)
+    assert not info.ln_free and info.twin == "demo-lnfree"
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    held = pack(tok(load_passages("heldout")[:12])["input_ids"], eot, cfg.n_positions)
+    ce = token_losses(model, held).mean().item()
+    assert ce < math.log(cfg.vocab_size) - 3.0  # far better than uniform (9.01 nats)
+    assert ce == pytest.approx(report["heldout_ce"], abs=0.3)  # same ballpark as the full split
+    ind = induction_losses(model, cfg.vocab_size, bos_id=eot, n_seq=8)
+    assert ind["second_copy"] < 0.5 * ind["first_copy"]
+
+
+@needs_demo
+def test_inspect_cli_demo():
+    out = json.loads(run_inspect("demo").stdout)
+    assert out["spec"] == "demo" and out["n_layers"] == 4 and out["ln_free"] is False
