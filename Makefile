@@ -34,8 +34,10 @@ test: install-dev system-deps
 lint: install-dev
 	$(VENV)/bin/ruff check .
 
-bench: install
-	$(PY) -m bench.run_all
+bench: install-dev
+	$(PY) -m bench.bench_removal
+	$(PY) -m bench.bench_atp
+	$(PY) -m bench.bench_app
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -54,7 +54,7 @@ def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int,
     return attention_pattern(bridge, Settings(**dict(settings)), layer, head)
 
 
-def sidebar() -> tuple[str, str, str, str, Settings, str]:
+def sidebar() -> tuple[str, str, str, str, Settings]:
     sb = st.sidebar
     sb.title("lnfree workbench")
     label = sb.selectbox("Model pair (LN | LN-free)", [*PAIR_LABELS, CUSTOM_PAIR],
@@ -82,17 +82,21 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
         fields["corrupt"] = sb.text_area("Corrupted prompt (optional)",
                                          "When Mary and John went to the store, Mary gave a drink to",
                                          key="corrupt")
+        fields["position"] = int(sb.number_input("Metric position (-1 = last)", value=-1, step=1,
+                                                 key="position"))
     else:
         fields["n_prompts"] = sb.slider("Prompts", 1, 32, 8, key="n_prompts")
         if task == "induction":
             fields["seq_len"] = sb.slider("Length of each random copy", 4, 60, 20, key="seq_len")
     sb.header("Settings")
-    position = sb.number_input("Metric position (-1 = last)", value=-1, step=1, key="position")
     top_k = sb.slider("Top-k", 1, 30, 10, key="top_k")
     method = sb.radio("Attribution patching", ["atp*", "atp"], horizontal=True,
                       format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
-    settings = Settings(task=task, position=int(position), top_k=top_k, **fields)
-    return ln_spec, lnfree_spec, dtype, device, settings, method
+    per_position = sb.checkbox("Also patch each head and MLP at each position", False, key="per_position",
+                               help="L x H x positions patched runs: slow on large models.")
+    settings = Settings(task=task, top_k=top_k, method=method,
+                        per_position=per_position, **fields)
+    return ln_spec, lnfree_spec, dtype, device, settings
 
 
 def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
@@ -178,7 +182,7 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
 
 
 def main() -> None:
-    ln_spec, lnfree_spec, dtype, device, settings, method = sidebar()
+    ln_spec, lnfree_spec, dtype, device, settings = sidebar()
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
                "checked against activation patching. Left: LN model. Right: its LN-free twin.")
@@ -193,6 +197,7 @@ def main() -> None:
         st.error(str(err))
         st.stop()
     bar.empty()
+    pair = dataclasses.replace(pair, settings=settings)
 
     st.header("1. Predictions")
     predictions(pair)
@@ -206,9 +211,10 @@ def main() -> None:
                               "when that head's output is removed from the final residual stream.")
     st.header("3. Activation patching vs attribution patching")
     figure(pair, "patch_heads")
-    figure(pair, "atp_heads" if method == "atp" else "atpstar_heads")
+    figure(pair, "atp_heads")
     figure(pair, "atp_vs_patch")
     figure(pair, "patch_resid")
+    figure(pair, "atp_resid")
     st.header("4. Logit lens")
     figure(pair, "logit_lens")
     st.header("5. Attention pattern")

@@ -1,0 +1,168 @@
+"""Attribution patching: AtP and AtP* (Kramar et al. 2024), in the denoising direction.
+
+AtP estimates the effect of patching a component's clean activation into the
+corrupted run by the first-order term  grad_corrupt(metric) . (clean - corrupt),
+for every component at once: one clean forward, one corrupted forward, one backward.
+
+AtP* adds two fixes:
+- QK fix: where a patched activation feeds an attention softmax directly, the
+  attention pattern is recomputed exactly and only the pattern -> metric map is
+  linearised.  A head's output (hook_z) already contains its exact pattern, so
+  this changes the resid_pre estimates (the patched residual enters layer l's
+  queries and keys); for heads it is a no-op.
+- GradDrop: for each layer l, the estimate is recomputed with the gradient that
+  flows from layer l back into the residual stream (through ln1 and ln2's inputs)
+  set to zero, and the magnitude is the mean of |estimate| over all L layers
+  (Kramar divide by L - 1; dividing by L keeps a node that no drop affects at its
+  AtP value); this exposes effects that cancel between paths.  Kramar's AtP* is an unsigned
+  ranking score; we keep the sign of the QK-fixed estimate so that it can be
+  drawn and correlated like the other signed results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attribution.patching import capture, metric_runs, mlp_name, normaliser, resid_name, z_name
+from attribution.tasks import Task
+
+CHUNK_ELEMENTS = 2**24  # bound on the [B, H, P, T, T] pattern tensor of the QK fix
+
+
+def q_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_q"
+
+
+def k_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_k"
+
+
+def pattern_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def _grad_run(bridge, task: Task, names: list[str], star: bool):
+    """Corrupted forward with grad; returns (metric, {name: activation}, keep flags for GradDrop)."""
+    L = bridge.cfg.n_layers
+    acts: dict[str, torch.Tensor] = {}
+    keep = [1.0] * L
+
+    def leaf(x, hook):  # makes activations differentiable even if the weights are frozen
+        return x.detach().requires_grad_(True)
+
+    def grab(name):  # keyed by the name asked for: TL reports aliases under their canonical name
+        def hook(x, hook):
+            acts[name] = x
+            return x
+        return hook
+
+    def drop(i):  # a fresh tensor, so the hook sees only the gradient through this LN (not the skip path)
+        def hook(x, hook):
+            x = x.clone()
+            x.register_hook(lambda g: g * keep[i])
+            return x
+        return hook
+
+    hooks = [("hook_embed", leaf), ("hook_pos_embed", leaf)] + [(n, grab(n)) for n in names]
+    if star:
+        hooks += [(f"blocks.{i}.{ln}.hook_in", drop(i)) for i in range(L) for ln in ("ln1", "ln2")]
+    metric = metric_runs(bridge, task, task.corrupt, hooks, grad=True).mean()
+    return metric, acts, keep
+
+
+def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
+    """Exact change of a layer's attention patterns [B, H, P, T, T] when the residual at each position p
+    is patched: row p gets the clean query, column p the clean key (queries/keys are per position)."""
+    B, T, H, dh = q_co.shape
+    q_co, k_co, q_cl, k_cl = (x.transpose(1, 2) for x in (q_co, k_co, q_cl, k_cl))  # [B, H, T, dh]
+    scale = dh ** -0.5
+    s_co = q_co @ k_co.transpose(-1, -2) * scale                   # [B, H, T, T]
+    col = q_co @ k_cl.transpose(-1, -2) * scale                    # [B, H, t, p]: query t . clean key p
+    row = q_cl @ k_co.transpose(-1, -2) * scale                    # [B, H, p, s]: clean query p . key s
+    diag = (q_cl * k_cl).sum(-1) * scale                           # [B, H, p]
+    ps = torch.tensor(list(positions))
+    idx = torch.arange(T)
+    is_col = (idx[None, :] == ps[:, None])                         # [P, T]: s == p
+    s_new = s_co[:, :, None].expand(B, H, len(ps), T, T)
+    # column p of variant p: query t . clean key p
+    colv = col[..., ps].permute(0, 1, 3, 2)                        # [B, H, P, t]
+    s_new = torch.where(is_col[None, None, :, None, :], colv[..., None], s_new)
+    # row p of variant p: clean query p . keys (clean key at p itself)
+    rowv = row[:, :, ps]                                           # [B, H, P, s]
+    rowv = torch.where(is_col[None, None], diag[:, :, ps, None], rowv)
+    is_row = is_col                                                # t == p, same mask on the t axis
+    s_new = torch.where(is_row[None, None, :, :, None], rowv[:, :, :, None, :], s_new)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    a_new = s_new.masked_fill(~causal, float("-inf")).softmax(-1)
+    a_co = s_co.masked_fill(~causal, float("-inf")).softmax(-1)
+    return a_new - a_co[:, :, None]
+
+
+def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Tensor:
+    """Sum over (b, h, t, s) of dA(p) * dmetric/dpattern, for every position p [T], chunked over p."""
+    step = max(1, CHUNK_ELEMENTS // max(1, B * H * T * T))
+    out = []
+    for start in range(0, T, step):
+        dA = dA_fn(range(start, min(T, start + step)))
+        out.append(torch.einsum("bhpts,bhts->p", dA, g_pattern))
+    return torch.cat(out)
+
+
+def attribution_patching(bridge, task: Task, star: bool = True) -> dict[str, torch.Tensor]:
+    """Normalised AtP (and AtP*) estimates: heads [L,H], heads_pos [L,H,T], resid [L,T], mlp [L],
+    mlp_pos [L,T]; with star, the same keys prefixed 'star_'."""
+    cfg = bridge.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    B, T = task.corrupt.shape
+    main = [f(i) for i in range(L) for f in (z_name, resid_name, mlp_name)]
+    qk = [f(i) for i in range(L) for f in (q_name, k_name)]
+    qk = qk if star else []
+    clean_metric, clean = capture(bridge, task.clean, main + qk, task)
+    names = main + (qk + [pattern_name(i) for i in range(L)] if star else [])
+    metric, acts, keep = _grad_run(bridge, task, names, star)
+    norm = normaliser(clean_metric.mean().item(), metric.item())
+    delta = {n: clean[n] - acts[n].detach() for n in main + qk}
+
+    def estimates(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        z = torch.stack([(grads[z_name(i)] * delta[z_name(i)]).sum((0, 3)).T for i in range(L)])  # [L,H,T]
+        r = torch.stack([(grads[resid_name(i)] * delta[resid_name(i)]).sum((0, 2)) for i in range(L)])
+        m = torch.stack([(grads[mlp_name(i)] * delta[mlp_name(i)]).sum((0, 2)) for i in range(L)])
+        return {"heads_pos": z, "resid": r, "mlp_pos": m}
+
+    def star_resid(grads: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(L):
+            q_co, k_co = acts[q_name(i)].detach(), acts[k_name(i)].detach()
+            q_cl, k_cl = clean[q_name(i)], clean[k_name(i)]
+            lin_qk = (grads[q_name(i)] * delta[q_name(i)] + grads[k_name(i)] * delta[k_name(i)]).sum((0, 2, 3))
+            exact = _qk_term(lambda ps, a=(q_co, k_co, q_cl, k_cl): pattern_deltas(*a, ps),
+                             grads[pattern_name(i)], T, B, H)
+            rows.append(base[i] - lin_qk + exact)
+        return torch.stack(rows)
+
+    def grads_with(drop: int | None) -> dict[str, torch.Tensor]:
+        for i in range(L):
+            keep[i] = 0.0 if i == drop else 1.0
+        inputs = [acts[n] for n in names]
+        gs = torch.autograd.grad(metric, inputs, retain_graph=True, allow_unused=True)
+        return {n: (torch.zeros_like(a) if g is None else g) for n, a, g in zip(names, inputs, gs, strict=True)}
+
+    g0 = grads_with(None)
+    est = estimates(g0)
+    out = {"heads_pos": est["heads_pos"], "heads": est["heads_pos"].sum(-1), "resid": est["resid"],
+           "mlp_pos": est["mlp_pos"], "mlp": est["mlp_pos"].sum(-1)}
+    if star:
+        signed = dict(out, resid=star_resid(g0, est["resid"]))
+        out["qk_resid"] = signed["resid"]
+        mags = {k: torch.zeros_like(v) for k, v in signed.items()}
+        for drop in range(L):
+            g = grads_with(drop)
+            e = estimates(g)
+            e = {"heads_pos": e["heads_pos"], "heads": e["heads_pos"].sum(-1), "resid": star_resid(g, e["resid"]),
+                 "mlp_pos": e["mlp_pos"], "mlp": e["mlp_pos"].sum(-1)}
+            for k, v in e.items():
+                mags[k] += v.abs() / L
+        keep[:] = [1.0] * L
+        for k, v in signed.items():
+            out["star_" + k] = torch.sign(v) * mags[k]
+    return {k: (v / norm).detach() for k, v in out.items()}

@@ -1,0 +1,9 @@
+"""Errors a user can cause; each message is one sentence that says what to do."""
+
+
+class AttributionInputError(ValueError):
+    """Bad settings or prompts (multi-token answer, length mismatch, empty or too-long prompt)."""
+
+
+class ExportUnavailable(RuntimeError):
+    """A figure format that this machine cannot produce (PNG/SVG without a browser for kaleido)."""

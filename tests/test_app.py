@@ -1,0 +1,104 @@
+"""The Streamlit app through streamlit.testing's AppTest: every panel, every task, every error path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from attribution import Settings, compare
+from models import load_bridge
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching",
+           "4. Logit lens", "5. Attention pattern", "6. Summary"]
+needs_demo_pair = pytest.mark.skipif(
+    not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
+
+
+def app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=600)
+
+
+def use_pair(at: AppTest, ln: str, lnfree: str, **widgets) -> AppTest:
+    """Preset widget values through session state, so the first run already uses them."""
+    at.session_state["pair"] = "Custom (hub names or local directories)"
+    at.session_state["ln_spec"] = ln
+    at.session_state["lnfree_spec"] = lnfree
+    for key, value in widgets.items():
+        at.session_state[key] = value
+    return at
+
+
+def assert_complete(at: AppTest) -> None:
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert [h.value for h in at.header] == HEADERS
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+@needs_demo_pair
+def test_default_view_shows_demo_pair_numbers():
+    at = app().run()
+    assert_complete(at)
+    ln, ln_info = load_bridge("demo")
+    lf, lf_info = load_bridge("demo-lnfree")
+    pair = compare(ln, ln_info, lf, lf_info, Settings())
+    assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
+    assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)") == f"{pair.lnfree.dla_nmae:.2e}"
+    assert pair.lnfree.dla_nmae < 1e-5
+    clean = [m.value for m in at.metric if m.label == "metric, clean"]
+    assert clean == [f"{pair.ln.metric_clean:.3f}", f"{pair.lnfree.metric_clean:.3f}"]
+    summary = at.dataframe[-1].value
+    assert summary.loc["DLA NMAE vs true direct effect"].tolist() == pytest.approx(
+        [pair.ln.dla_nmae, pair.lnfree.dla_nmae], abs=1e-9)
+    top = at.dataframe[0].value
+    assert top["next token"].tolist() == [t for t, _ in pair.ln.top_tokens]
+
+
+@needs_demo_pair
+@pytest.mark.parametrize("task", ["ioi", "custom"])
+def test_other_tasks(task):
+    at = app().run()
+    at.sidebar.radio(key="task").set_value(task).run()
+    assert_complete(at)
+
+
+@needs_demo_pair
+def test_attention_head_and_method_switch():
+    at = app().run()
+    at.number_input(key="head").set_value(1).run()
+    assert_complete(at)
+    at.sidebar.radio(key="method").set_value("atp").run()
+    assert_complete(at)
+
+
+def test_unknown_model_is_an_error_not_a_traceback(tiny_ln_dir):
+    at = use_pair(app(), "no-such-model", str(tiny_ln_dir)).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "Unknown model" in at.error[0].value
+
+
+def test_missing_directory_is_an_error(tiny_ln_dir, tmp_path):
+    at = use_pair(app(), str(tiny_ln_dir), str(tmp_path / "nowhere")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "does not exist" in at.error[0].value
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("answer", " Zyzzogeton Quaxle", "single token"),
+        ("prompt", "", "empty"),
+        ("corrupt", "Mary", "length"),
+    ],
+)
+def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, message):
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom", **{field: value}).run()
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value.lower()

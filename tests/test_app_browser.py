@@ -1,0 +1,91 @@
+"""The app served for real on 127.0.0.1 and opened in headless Chromium (Debian's), via Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
+    pytest.mark.skipif(not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(),
+                       reason="the demo pair is not built"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not come up: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_app_in_chromium(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                    headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1200}, accept_downloads=True)
+        page.goto(served_app)
+        # The default view computes on the demo pair without any click.
+        expect(page.get_by_text("6. Summary")).to_be_visible(timeout=240_000)
+        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
+        assert page.locator(".js-plotly-plot").count() >= 8
+        for text in ("1. Predictions", "2. Direct logit attribution", "5. Attention pattern"):
+            expect(page.get_by_text(text)).to_be_visible()
+        expect(page.get_by_text("LN-free: DLA error (NMAE vs true direct effect)")).to_be_visible()
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+        button = page.get_by_role("button", name="HTML").first
+        button.scroll_into_view_if_needed()
+        with page.expect_download(timeout=60_000) as info:
+            button.click()
+        saved = tmp_path / "dla_heads.html"
+        info.value.save_as(saved)
+        html = saved.read_text()
+        assert "plotly" in html.lower() and "cdn.plot.ly" not in html
+        browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000

@@ -1,0 +1,176 @@
+"""Report, plots and export: the numbers in figures, tables and JSON are the analysis's numbers; the CLI
+writes every format and turns a user's mistake into one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from attribution import AttributionInputError, ExportUnavailable, Settings, attention_pattern, compare
+from attribution.export import export, figure_table, write_figure
+from attribution.plots import FIGURES, attention_figure
+from attribution.report import agreement
+from models import load_bridge
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--task", "induction", "--n-prompts", "2", "--seq-len", "4", "--no-per-position"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ln_dir, tiny_lnfree_dir):
+    ln, ln_info = load_bridge(str(tiny_ln_dir))
+    lnfree, lnfree_info = load_bridge(str(tiny_lnfree_dir))
+    seen = []
+    result = compare(ln, ln_info, lnfree, lnfree_info, Settings(n_prompts=2, seq_len=4),
+                     lambda f, text: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0  # progress is monotone and finishes
+    return result, ln, lnfree
+
+
+def test_agreement_metrics_by_hand():
+    est, truth = np.array([1.0, 2.0, 3.0, 10.0]), np.array([1.5, 2.6, 2.5, -4.0])
+    a = agreement(est, truth, k=2)
+    assert a["mae"] == pytest.approx(np.abs(est - truth).mean())
+    assert a["pearson"] == pytest.approx(np.corrcoef(est, truth)[0, 1])
+    assert a["spearman"] == pytest.approx(np.corrcoef([1, 2, 3, 4], [2, 4, 3, 1])[0, 1])
+    assert a["topk_recall"] == 0.5  # top-2 |est|: {3, 2}; |truth|: {3, 1}
+    assert math.isnan(agreement(np.ones(3), truth[:3])["pearson"])
+
+
+def test_json_has_the_issue_keys(pair):
+    data = json.loads(json.dumps(pair[0].to_json(), allow_nan=False))
+    for side in ("ln", "lnfree"):
+        for key in ("dla_nmae", "metric_clean", "metric_corrupt", "atp_pearson", "atp_spearman",
+                    "atp_topk_recall", "atp_mae", "atpstar_pearson", "atpstar_spearman", "dla_heads",
+                    "patch_heads", "atp_heads", "atpstar_heads", "de_heads"):
+            assert key in data[side], key
+        assert np.allclose(data[side]["dla_heads"], getattr(pair[0], side).dla_heads)
+    assert data["settings"]["task"] == "induction"
+    assert data["lnfree"]["ln_free"] is True and data["ln"]["ln_free"] is False
+
+
+def test_figures_show_the_results(pair):
+    p = pair[0]
+    for name, make in FIGURES.items():
+        fig = make(p)
+        assert isinstance(fig, go.Figure), name
+        rows = figure_table(name, p)
+        assert rows and all(r.keys() == rows[0].keys() for r in rows), name
+    fig = FIGURES["dla_heads"](p)
+    assert np.allclose(fig.data[0].z, p.ln.dla_heads) and np.allclose(fig.data[1].z, p.lnfree.dla_heads)
+    bound = max(np.abs(p.ln.dla_heads).max(), np.abs(p.lnfree.dla_heads).max())
+    assert fig.layout.coloraxis.cmax == pytest.approx(bound) and fig.layout.coloraxis.cmin == pytest.approx(-bound)
+    assert f"{p.ln.dla_nmae:.2%}" in FIGURES["dla_vs_de"](p).layout.title.text
+    rows = figure_table("dla_heads", p)
+    assert rows[0]["dla"] == pytest.approx(float(p.ln.dla_heads[0, 0]))
+
+
+def test_attention_pattern(pair):
+    p, ln, lnfree = pair
+    pat, toks = attention_pattern(ln, p.settings, 1, 2)
+    assert pat.shape == (len(toks), len(toks))
+    assert np.allclose(pat.sum(-1), 1, atol=1e-5) and np.allclose(np.triu(pat, 1), 0)
+    pat2, toks2 = attention_pattern(lnfree, p.settings, 1, 2)
+    assert isinstance(attention_figure(pat, toks, pat2, toks2, 1, 2), go.Figure)
+    with pytest.raises(AttributionInputError, match="does not exist"):
+        attention_pattern(ln, p.settings, 5, 0)
+
+
+def test_export_csv_and_html_in_process(pair, tmp_path):
+    p = pair[0]
+    paths = export(p, "all", "csv", tmp_path / "csv")
+    assert len(paths) == len(FIGURES)
+    with open(tmp_path / "csv" / "patch_resid.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["patch"]) == pytest.approx(float(p.ln.patch_resid[0, 0]), abs=1e-6)
+    (html,) = export(p, "dla_heads", "html", tmp_path / "f.html")
+    text = html.read_text()
+    assert not re.search(r"<script[^>]*src=", text) and len(text) > 1_000_000  # plotly.js embedded, offline
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("BROWSER_PATH"),
+                    reason="kaleido needs chromium for PNG/SVG")
+def test_export_png_svg(pair, tmp_path):
+    fig = FIGURES["logit_lens"](pair[0])
+    png = write_figure(fig, tmp_path / "f.png", "png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = write_figure(fig, tmp_path / "f.svg", "svg")
+    assert "<svg" in svg.read_text()[:500]
+
+
+def test_missing_browser_is_one_sentence(monkeypatch, tmp_path):
+    def fail(*a, **k):
+        raise RuntimeError("Kaleido requires Chrome to be installed.")
+    monkeypatch.setattr(go.Figure, "write_image", fail)
+    with pytest.raises(ExportUnavailable, match="install Debian's chromium"):
+        write_figure(go.Figure(), tmp_path / "x.png", "png")
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "attribution.export", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json_and_html(tiny_ln_dir, tiny_lnfree_dir, tmp_path):
+    out = tmp_path / "r.json"
+    r = _cli("--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), *SMALL, "--format", "json",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["lnfree"]["dla_nmae"] < 1e-3 and np.array(data["ln"]["patch_heads"]).shape == (2, 4)
+    r = _cli("--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), "--task", "custom",
+             "--prompt", "When Mary and John went to the store, John gave a drink to", "--answer", " Mary",
+             "--counterfactual", " John", "--corrupt", "When Mary and John went to the store, Mary gave a drink to",
+             "--figure", "atp_vs_patch", "--format", "html", "--out", str(tmp_path / "a.html"))
+    assert r.returncode == 0, r.stderr
+    assert "plotly" in (tmp_path / "a.html").read_text()[:200_000].lower()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "custom", "--prompt", "When Mary", "--answer", " Marygold"], "is not a single token"),
+    (["--task", "custom", "--prompt", "When Mary", "--answer", " Mary", "--corrupt", "When Mary and John"],
+     "corrupted prompt is"),
+])
+def test_cli_user_errors_exit_2_one_line(tiny_ln_dir, tiny_lnfree_dir, tmp_path, extra, message):
+    r = _cli("--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), *extra, "--format", "json",
+             "--out", str(tmp_path / "x.json"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_bad_model_exit_2(tmp_path):
+    r = _cli("--ln", str(tmp_path / "nope"), "--lnfree", "demo-lnfree", "--format", "json",
+             "--out", str(tmp_path / "x.json"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], r.stderr
+
+
+def test_custom_without_corrupt_has_dla_but_no_patching(pair):
+    from attribution import analyse
+    from attribution.report import PairResults
+
+    _, ln, _ = pair
+    info = type("Info", (), {"spec": "tiny", "ln_free": False})()
+    s = Settings(task="custom", prompt="When Mary and John went", answer=" to")
+    r = analyse(ln, info, s)
+    assert np.isnan(r.patch_heads).all() and np.isnan(r.atp_heads).all() and math.isnan(r.metric_corrupt)
+    total = r.dla_heads.sum() + r.dla_mlp.sum() + sum(r.dla_other.values())
+    assert total == pytest.approx(r.metric_clean, abs=1e-5)
+    p = PairResults(s, r, r)
+    json.dumps(p.to_json(), allow_nan=False)  # NaN becomes null
+    for name, make in FIGURES.items():
+        make(p)
+        figure_table(name, p)
