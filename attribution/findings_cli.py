@@ -1,0 +1,129 @@
+"""CLI: the paper's other findings (confidence neurons, first-token norms, sinks, calibration, DLA error).
+
+    python -m attribution.findings_cli --ln demo --lnfree demo-lnfree --n-seq 64 \\
+        --out findings.json --figures findings_figures/
+
+Runs attribution.findings.compare_findings on held-out text and writes the
+numbers as JSON (and each figure as self-contained HTML into --figures).
+A mistake in the arguments ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m attribution.findings_cli", description=__doc__.split("\n")[0])
+    p.add_argument("--ln", required=True, help="the LN model: hub name, local directory or `demo`")
+    p.add_argument("--lnfree", required=True, help="its LN-free twin, e.g. `demo-lnfree`")
+    p.add_argument("--n-seq", type=int, default=64, help="held-out sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's n_ctx)")
+    p.add_argument("--source", default="demo", help="held-out text: `demo` or a UTF-8 text file (default demo)")
+    p.add_argument("--k", type=int, default=5, help="confidence-neuron candidates to ablate (default 5)")
+    p.add_argument("--threshold", type=float, default=0.3, help="attention-sink threshold (default 0.3)")
+    p.add_argument("--bins", type=int, default=15, help="calibration bins (default 15)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", required=True, help="JSON file for the numbers")
+    p.add_argument("--figures", default=None, help="directory for the HTML figures (optional)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from attribution.findings import FindingsInputError
+
+    if args.n_seq < 1:
+        raise FindingsInputError("--n-seq must be at least 1.")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise FindingsInputError("--seq-len must be at least 2.")
+    if args.k < 1:
+        raise FindingsInputError("--k must be at least 1.")
+    if not 0 < args.threshold <= 1:
+        raise FindingsInputError("--threshold must lie in (0, 1], e.g. 0.3.")
+    if args.bins < 1:
+        raise FindingsInputError("--bins must be at least 1.")
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise FindingsInputError(f"The directory of --out ({out.parent}) does not exist; create it first.")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from attribution.findings import compare_findings, heldout_tokens
+    from models import load_bridge
+
+    ln, ln_info = load_bridge(args.ln, args.dtype, args.device)
+    lf, lf_info = load_bridge(args.lnfree, args.dtype, args.device)
+    tokens = []
+    for bridge in (ln, lf):
+        n_ctx = bridge.cfg.n_ctx
+        seq_len = args.seq_len or n_ctx
+        if seq_len > n_ctx:
+            from attribution.findings import FindingsInputError
+            raise FindingsInputError(f"--seq-len {seq_len} exceeds the model's context of {n_ctx}; lower it.")
+        tokens.append(heldout_tokens(bridge.tokenizer, seq_len, args.n_seq, args.source))
+    bar = tqdm(total=1000, desc="findings", unit="‰", file=sys.stderr)
+
+    def progress(f: float, text: str) -> None:
+        bar.set_postfix_str(text, refresh=False)
+        bar.update(max(0, int(f * 1000) - bar.n))
+
+    start = time.time()
+    result = compare_findings(ln, lf, tokens[0], tokens[1], progress, k=args.k, threshold=args.threshold,
+                              n_bins=args.bins)
+    bar.close()
+    result["models"] = {"ln": ln_info.spec, "lnfree": lf_info.spec, "lnfree_is_ln_free": lf_info.ln_free,
+                        "ln_is_ln_free": ln_info.ln_free}
+    result["settings"].update({"n_seq": args.n_seq, "seq_len": int(tokens[0].shape[1]), "source": args.source,
+                               "seconds": round(time.time() - start, 1)})
+    return result
+
+
+def summary(result: dict) -> str:
+    from attribution.findings import summary_table
+
+    def fmt(v, unit):
+        if v is None:
+            return "n/a"
+        return f"{v:.2%}" if unit == "share" else f"{v:+.4f}" if "delta" in unit else f"{v:.4g}"
+
+    rows = [("", "LN", "LN-free", "paper (LN -> LN-free)")]
+    for r in summary_table(result):
+        unit = "delta" if "delta" in r["metric"] else r["unit"]
+        rows.append((r["metric"], fmt(r["ln"], unit), fmt(r["lnfree"], unit), r["paper"]))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}".rstrip() for a, b, c, d in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from attribution.errors import AttributionInputError
+    from models import ModelSpecError
+
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        result = run(args)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.figures:
+            from attribution.findings_plots import FINDINGS_FIGURES
+
+            folder = Path(args.figures)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, make in FINDINGS_FIGURES.items():
+                make(result).write_html(folder / f"{name}.html", include_plotlyjs=True)
+    except (ModelSpecError, AttributionInputError) as err:  # a user's mistake (FindingsInputError included)
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    print(f"wrote {args.out}" + (f" and figures in {args.figures}" if args.figures else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
