@@ -9,6 +9,7 @@ single-process run would.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -110,18 +111,24 @@ def documents(source: str, split: str) -> Iterable[str]:
 
 
 def tokenize_chunks(docs: Iterable[str], tokenizer, n_ctx: int, max_tokens: int | None = None,
-                    desc: str = "tokenising") -> torch.Tensor:
-    """Pack documents into [N, n_ctx] chunks, stopping once max_tokens are collected."""
+                    desc: str = "tokenising", batch: int = 256) -> torch.Tensor:
+    """Pack documents into [N, n_ctx] chunks, stopping once max_tokens are collected.
+
+    Documents are tokenised `batch` at a time (the fast tokenizer's batch path).
+    """
     eot = tokenizer.eos_token_id
-    lists, total = [], 0
+    lists: list[list[int]] = []
+    total = 0
     bar = tqdm(desc=desc, unit="tok", unit_scale=True, total=max_tokens, leave=False)
-    for doc in docs:
-        ids = tokenizer(doc, verbose=False)["input_ids"]
-        lists.append(ids)
-        total += len(ids) + 1
-        bar.update(len(ids) + 1)
-        if max_tokens is not None and total >= max_tokens + n_ctx:
+    it = iter(docs)
+    while max_tokens is None or total < max_tokens + n_ctx:
+        group = list(itertools.islice(it, batch))
+        if not group:
             break
+        for ids in tokenizer(group, verbose=False)["input_ids"]:
+            lists.append(ids)
+            total += len(ids) + 1
+            bar.update(len(ids) + 1)
     bar.close()
     chunks = pack(lists, eot, n_ctx)
     if max_tokens is not None:

@@ -52,8 +52,9 @@ class FakeLayerNorm(nn.Module):
                     self._std_sum = self._std_sum + std.sum()
                     self._std_count += std.numel()
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        x = x - x.mean(-1, keepdim=True)
-        return x / self.sigma.to(x.dtype) * self.weight + self.bias
+        # One fused multiply-add after centring: (x - mean) * (gamma / sigma) + beta.
+        scale = (self.weight / self.sigma).to(x.dtype)
+        return torch.addcmul(self.bias.to(x.dtype), x - x.mean(-1, keepdim=True), scale)
 
     def pending_stats(self) -> torch.Tensor:
         """[sum of stds, count] accumulated since the last commit (for an all-reduce)."""

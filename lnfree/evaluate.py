@@ -1,0 +1,100 @@
+"""Cross-entropy of several models on identical tokens, in the paper's Table-1 layout.
+
+    python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME] [--tokens N] [--json OUT]
+
+Default data: the demo held-out split when every model is a demo model (or was
+fine-tuned from one), else OpenWebText's validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lnfree.data import DataError, documents, tokenize_chunks
+from lnfree.remove import EXIT_USER, OneLineParser
+from models import ModelSpecError, load_hf
+from models.quality import token_losses
+from models.registry import DEMO_DIRS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m lnfree.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", required=True, metavar="SPEC")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
+    src.add_argument("--dataset", choices=["openwebtext", "pile-filtered", "demo"])
+    p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate on (default 262144)")
+    p.add_argument("--n-ctx", type=int, help="context length (default: the smallest model context, max 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
+    p.add_argument("--threads", type=int)
+    return p
+
+
+def default_source(infos) -> str:
+    demo = all(i.spec in DEMO_DIRS or i.base in DEMO_DIRS for i in infos)
+    return "demo" if demo else "openwebtext"
+
+
+def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | None = None,
+             batch_size: int = 8) -> dict:
+    loaded = [load_hf(s) for s in specs]
+    tok = loaded[0][1]
+    for (_, t, info) in loaded[1:]:
+        if t.get_vocab() != tok.get_vocab():
+            raise ModelSpecError(f"{info.spec!r} uses a different tokenizer from {specs[0]!r}; compare models "
+                                 f"that share one tokenizer.")
+    source = source or default_source([i for _, _, i in loaded])
+    ctx = n_ctx or min(min(m.config.n_positions for m, _, _ in loaded), 1024)
+    chunks = tokenize_chunks(documents(source, "heldout"), tok, ctx, tokens, desc=f"tokenising {source}")
+    if len(chunks) == 0:
+        raise DataError("The evaluation text is shorter than one context window; give more text.")
+    rows = []
+    for (model, _, info) in loaded:
+        losses = token_losses(model, chunks, batch_size).flatten()
+        rows.append({"spec": info.spec, "ln_free": info.ln_free, "ce_mean": losses.mean().item(),
+                     "ce_median": losses.median().item(), "tokens": int(losses.numel())})
+    return {"data": source, "n_ctx": ctx, "models": rows}
+
+
+def format_table(result: dict) -> str:
+    rows = result["models"]
+    best_mean = min(r["ce_mean"] for r in rows)
+    best_med = min(r["ce_median"] for r in rows)
+    w = max(12, *(len(r["spec"]) for r in rows))
+    lines = [f"{'model':<{w}}  {'LN-free':<7}  {'CE mean':<18}  {'CE median':<18}",
+             f"{'-' * w}  {'-' * 7}  {'-' * 18}  {'-' * 18}"]
+    for r in rows:
+        mean = f"{r['ce_mean']:.4f} (+{r['ce_mean'] - best_mean:.4f})"
+        med = f"{r['ce_median']:.4f} (+{r['ce_median'] - best_med:.4f})"
+        lines.append(f"{r['spec']:<{w}}  {'yes' if r['ln_free'] else 'no':<7}  {mean:<18}  {med:<18}")
+    lines.append(f"{rows[0]['tokens']:,} tokens of {result['data']} per model, context {result['n_ctx']}; "
+                 f"(+gap) to the best model")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tokens < 1:
+        print("error: --tokens must be at least 1.", file=sys.stderr)
+        return EXIT_USER
+    try:
+        result = evaluate(args.models, args.data or args.dataset, args.tokens, args.n_ctx, args.batch_size)
+    except (ModelSpecError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER
+    print(format_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The removal training loop (Accelerate): schedule, aux loss, sigma EMA, checkpoints, recovery, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lnfree import checkpoint as ckpt
+from lnfree.config import MAX_RECOVERIES, Diverged, RunConfig, UserError, save_run_config
+from lnfree.fake_ln import aux_loss, convert_to_fake, find_fakes
+from lnfree.recipes import check_schedule, schedule
+
+SPIKE_WARMUP = 10  # steps before the grad-norm spike check starts
+EXPORT_TOL = 1e-4
+
+
+def _accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = None
+    if cfg.fsdp:
+        if not torch.cuda.is_available():
+            raise UserError("--fsdp needs GPUs; run without it on the CPU.")
+        plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
+                                                transformer_cls_names_to_wrap=["GPT2Block"],
+                                                use_orig_params=True)
+    # cpu=True without GPUs: `accelerate launch --multi_gpu --num_processes N` then runs N gloo processes.
+    return Accelerator(mixed_precision=cfg.mixed_precision, fsdp_plugin=plugin, log_with=cfg.log_with,
+                       project_dir=cfg.output_dir, cpu=not torch.cuda.is_available())
+
+
+def _load_base(cfg: RunConfig):
+    from models import load_hf
+
+    model, tokenizer, info = load_hf(cfg.model)
+    if info.ln_free:
+        raise UserError(f"{cfg.model!r} is already LN-free; give the LN model it came from.")
+    if cfg.recipe["n_ctx"] > model.config.n_positions:
+        raise UserError(f"--n-ctx {cfg.recipe['n_ctx']} exceeds the model's context "
+                        f"{model.config.n_positions}; lower --n-ctx.")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{cfg.model!r} has a tokenizer without an EOT token.")
+    # models/ loads with eager attention (for analysis hooks); training uses the fused kernel,
+    # which keeps no [heads, T, T] attention tensors (see lnfree.plan).
+    model.set_attn_implementation("sdpa")
+    return model, tokenizer
+
+
+class Run:
+    """State of one training run (rebuilt from a checkpoint on resume or rollback)."""
+
+    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, data=None, eval_initial: bool = False):
+        """model/tokenizer/data (TrainData, held-out chunks) may be given directly (benchmarks)."""
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        from lnfree.data import load_train_eval
+
+        self.cfg, self.r = cfg, cfg.recipe_obj
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.acc = _accelerator(cfg)
+        self.world = self.acc.num_processes
+        if self.r.grad_accum % self.world:
+            raise UserError(f"--grad-accum {self.r.grad_accum} must be a multiple of the number of processes "
+                            f"({self.world}) so that the global batch stays the same.")
+        self.accum_local = self.r.grad_accum // self.world
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = (model, tokenizer) if model is not None else _load_base(cfg)
+        self.eot = self.tokenizer.eos_token_id
+        self.n_layer = model.config.n_layer
+        self.sched = schedule(self.r, self.n_layer, cfg.max_steps)
+        problem = check_schedule(self.sched, cfg.max_steps)
+        if problem and not cfg.keep_ln:
+            raise UserError(problem)
+        self.fakes = {} if cfg.keep_ln else convert_to_fake(model)
+        self.use_aux = not cfg.keep_ln and self.r.aux_lambda > 0
+        if self.use_aux:
+            self.fakes["ln_final"].keep_input_std = True
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        train_tokens = cfg.max_steps * self.r.tokens_per_step
+        if data is not None:
+            self.data, self.held = data
+        else:
+            with self.acc.main_process_first():
+                self.data, self.held = load_train_eval(cfg.source, self.tokenizer, self.r.n_ctx, train_tokens,
+                                                       cfg.eval_tokens, cfg.seed)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.r.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.r.lr)
+        self.initial_ce = None
+        if eval_initial and self.acc.is_main_process:  # before sharding: one process, whole model
+            self.initial_ce = heldout_ce(model.to(self.acc.device), self.held)
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.sched_lr = get_cosine_with_min_lr_schedule_with_warmup(
+            self.opt, min(self.r.warmup, cfg.max_steps), cfg.max_steps, min_lr=self.r.min_lr)
+        self.step, self.tokens, self.lr_scale, self.recoveries = 0, 0, 1.0, 0
+        self.gnorm_level: float | None = None
+        self.nan_injected = False
+        self.train_ces: list[float] = []
+        self.t0, self.wall_before = time.time(), 0.0  # wall time of earlier (killed) segments of the run
+
+    # --------------------------------------------------------------------------- state
+    @property
+    def core(self):
+        return self.acc.unwrap_model(self.model)
+
+    def fake_modules(self):
+        return {} if self.cfg.keep_ln else find_fakes(self.core)
+
+    def removed(self) -> int:
+        return sum(not f.is_live for f in self.fake_modules().values())
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "lr_scale": self.lr_scale,
+                "recoveries": self.recoveries, "gnorm_level": self.gnorm_level,
+                "scheduler": ckpt.scheduler_state(self.sched_lr), "train_ces": self.train_ces[-20:],
+                "initial_ce": self.initial_ce, "wall_seconds": self.wall_before + time.time() - self.t0,
+                "removed": [n for n, f in self.fake_modules().items() if not f.is_live]}
+
+    def save(self) -> None:
+        ckpt.save(self.acc, self.ckpt_root, self.step, self.trainer_state())
+
+    def restore(self, path: Path, resume: bool = False) -> None:
+        state = ckpt.load(self.acc, path)
+        if resume:  # a rollback keeps counting the time it threw away
+            self.wall_before = state.get("wall_seconds", 0.0)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.recoveries, self.gnorm_level = state["recoveries"], state["gnorm_level"]
+        self.train_ces = state["train_ces"]
+        self.initial_ce = state.get("initial_ce")
+        ckpt.load_scheduler_state(self.sched_lr, state["scheduler"])
+        self.set_lr_scale(state["lr_scale"])
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.lr_scale = scale
+        self.sched_lr.base_lrs = [self.r.lr * scale for _ in self.sched_lr.base_lrs]
+        for g, base, fn in zip(self.opt.param_groups, self.sched_lr.base_lrs, self.sched_lr.lr_lambdas,
+                               strict=True):
+            g["lr"] = base * fn(self.sched_lr.last_epoch)
+
+    # --------------------------------------------------------------------------- one step
+    def advance(self, step: int) -> tuple[dict, list[str], str | None]:
+        """One optimizer step: removals due, forward/backward over the micro-batches, checks, update.
+
+        Returns (metrics, LNs removed now, problem); on a problem nothing is updated.
+        """
+        gone = [] if self.cfg.keep_ln else self.apply_schedule(step)
+        m = self.train_step(step)
+        bad = self.problem(m)
+        if bad:
+            self.discard_step()
+            return m, gone, bad
+        self.opt.step()
+        self.sched_lr.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.commit_sigmas()
+        self.step, self.tokens = step, self.tokens + self.r.tokens_per_step
+        g = m["grad_norm"]
+        self.gnorm_level = g if self.gnorm_level is None else 0.9 * self.gnorm_level + 0.1 * g
+        self.train_ces.append(m["ce"])
+        return m, gone, None
+
+    def apply_schedule(self, step: int) -> list[str]:
+        gone = []
+        for name, fake in self.fake_modules().items():
+            if fake.is_live and self.sched[name] <= step:
+                fake.remove()
+                gone.append(name)
+        return gone
+
+    def train_step(self, step: int) -> dict:
+        micro, seqs = self.r.micro_batch, self.r.seqs_per_step
+        ce_sum, aux_sum, loss_sum = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        for k in range(self.accum_local):
+            ids = self.data.batch(step, micro, seqs, self.acc.process_index * self.accum_local + k)
+            ids = ids.to(self.acc.device)
+            last = k == self.accum_local - 1
+            with nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
+                logits = self.model(ids).logits
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss = ce
+                if self.use_aux:
+                    aux = aux_loss(self.fakes_final().last_input_std, ids, self.eot)
+                    loss = ce + self.r.aux_lambda * aux
+                    aux_sum += aux.detach().float().cpu()
+                if self.cfg.debug_nan_step == step and not self.nan_injected:
+                    self.nan_injected = True
+                    loss = loss * float("nan")
+                self.acc.backward(loss / self.accum_local)
+            ce_sum += ce.detach().float().cpu()
+            loss_sum += loss.detach().float().cpu()
+        stats = torch.stack([ce_sum, aux_sum, loss_sum]) / self.accum_local
+        if self.world > 1:
+            stats = self.acc.reduce(stats.to(self.acc.device), "mean").cpu()
+        gnorm = self.acc.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        ce, aux, loss = stats.tolist()
+        return {"ce": ce, "aux": aux, "loss": loss, "grad_norm": float(gnorm)}
+
+    def fakes_final(self):
+        return self.fake_modules()["ln_final"]
+
+    def commit_sigmas(self) -> None:
+        fakes = self.fake_modules()
+        if not fakes:
+            return
+        stats = torch.stack([f.pending_stats() for f in fakes.values()])
+        if self.world > 1:
+            stats = self.acc.reduce(stats.to(self.acc.device), "sum")
+        for f, s in zip(fakes.values(), stats, strict=True):
+            f.commit_ema(s, self.r.step_momentum)
+
+    def discard_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for f in self.fake_modules().values():
+            f._std_sum, f._std_count = 0.0, 0
+
+    def problem(self, m: dict) -> str | None:
+        if not math.isfinite(m["loss"]):
+            return f"the loss became {m['loss']}"
+        if not math.isfinite(m["grad_norm"]):
+            return f"the gradient norm became {m['grad_norm']}"
+        level = self.gnorm_level
+        if level is not None and self.step >= SPIKE_WARMUP and m["grad_norm"] > self.cfg.spike_factor * level:
+            return f"the gradient norm {m['grad_norm']:.3g} is {m['grad_norm'] / level:.0f}x its running level"
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@torch.no_grad()
+def heldout_ce(model, chunks: torch.Tensor) -> float:
+    from models.quality import token_losses
+
+    was = model.training
+    model.eval()
+    try:
+        return token_losses(model, chunks, batch_size=8).mean().item()
+    finally:
+        model.train(was)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def _prepare_output(cfg: RunConfig, resume: bool) -> None:
+    out = Path(cfg.output_dir)
+    if resume and (out / "run.json").exists():
+        raise UserError(f"The run in {out} is already finished; see {out / 'run.json'}.")
+    save_run_config(cfg)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines written after checkpoint `step` by a killed run."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    start_time = time.time()
+    previous = ckpt.checkpoints(Path(cfg.output_dir) / "checkpoints") if resume else []
+    run = Run(cfg, eval_initial=not previous)
+    run.t0 = start_time  # this segment's setup counts too
+    acc, out = run.acc, run.out
+    if acc.is_main_process:
+        _prepare_output(cfg, resume)
+    acc.wait_for_everyone()
+    metrics_path = out / "metrics.jsonl"
+    if previous:
+        run.restore(previous[-1], resume=True)
+        if acc.is_main_process:
+            _truncate_metrics(metrics_path, run.step)
+            tqdm.write(f"resumed from {previous[-1].name} ({run.removed()} LNs removed)")
+    elif acc.is_main_process:
+        _truncate_metrics(metrics_path, 0)
+    if cfg.log_with:
+        acc.init_trackers("lnfree", config={k: v for k, v in cfg.recipe.items() if v is not None})
+    initial_ce = run.initial_ce
+    if run.step == 0:
+        if cfg.auto_recover:
+            run.save()  # a rollback target before the first real checkpoint
+    n_fakes = len(run.fake_modules())
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not acc.is_main_process, desc="removing LN"
+               if not cfg.keep_ln else "fine-tuning", dynamic_ncols=True)
+    t_last = time.time()
+    while run.step < cfg.max_steps:
+        step = run.step + 1
+        m, gone, bad = run.advance(step)
+        if bad:
+            bar.close()
+            _handle_divergence(run, step, bad)
+            bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not acc.is_main_process,
+                       desc="removing LN (recovered)", dynamic_ncols=True)
+            continue
+        now = time.time()
+        rate = run.r.tokens_per_step / max(now - t_last, 1e-9)
+        t_last = now
+        removed = run.removed()
+        row = {"step": step, **m, "lr": run.sched_lr.get_last_lr()[0],
+               "tokens": run.tokens, "tok_per_s": round(rate, 1), "lns_removed": removed}
+        if gone:
+            row["removed_now"] = gone
+        if acc.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}", aux=f"{m['aux']:.3g}",
+                            gnorm=f"{m['grad_norm']:.2f}", tok_s=f"{rate:,.0f}", ln=f"{removed}/{n_fakes}")
+            bar.update(1)
+        if cfg.log_with:
+            acc.log(row, step=step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            run.save()
+    bar.close()
+    if cfg.log_with:
+        acc.end_training()
+    summary = finish(run, initial_ce)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _handle_divergence(run: Run, step: int, why: str) -> None:
+    previous = ckpt.checkpoints(run.ckpt_root)
+    where = f"the last good checkpoint is {previous[-1]}" if previous else "no checkpoint was written yet"
+    if not run.cfg.auto_recover or run.recoveries >= MAX_RECOVERIES or not previous:
+        raise Diverged(f"step {step}: {why}; {where}; rerun with --resume and a lower --lr, or with "
+                       f"--auto-recover.")
+    scale = run.lr_scale * 0.5
+    recoveries = run.recoveries + 1
+    run.restore(previous[-1])
+    run.recoveries = recoveries
+    run.set_lr_scale(scale)
+    msg = (f"step {step}: {why}; rolled back to {previous[-1].name} and continuing with LR x{scale:g} "
+           f"(recovery {recoveries}/{MAX_RECOVERIES})")
+    if run.acc.is_main_process:
+        tqdm.write(msg)
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": run.step, "event": "rollback", "message": msg}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ finish
+
+
+def finish(run: Run, initial_ce: float | None) -> dict:
+    from lnfree import export, report
+
+    cfg, acc, out = run.cfg, run.acc, run.out
+    summary: dict = {}
+    model = _full_model(run)
+    if acc.is_main_process:
+        fakes = {} if cfg.keep_ln else find_fakes(model)
+        live = [n for n, f in fakes.items() if f.is_live]
+        if live:
+            raise Diverged(f"{len(live)} LayerNorms are still live at the end (first {live[0]}); "
+                           f"the schedule did not finish.")
+        plain = (export.plain_ln_copy(model, cfg.model) if cfg.keep_ln else export.to_plain(model, cfg.model))
+        tmp = out / ".export-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export.save(plain, run.tokenizer, tmp)
+        diff = _check_export(model, tmp, run.held[:4])
+        if not math.isfinite(diff) or diff > EXPORT_TOL:
+            raise Diverged(f"the exported model differs from the trained one by {diff:.3g} in the logits; "
+                           f"nothing was written, checkpoints are in {run.ckpt_root}.")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+        from models import load_hf
+
+        loaded, _, info = load_hf(str(out))
+        final_ce = heldout_ce(loaded, run.held)
+        sigmas = {n: float(f.sigma) for n, f in fakes.items()}
+        summary = report.build_run_json(cfg, run, initial_ce, final_ce, diff, sigmas, info,
+                                        run.wall_before + time.time() - run.t0)
+        (out / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "README.md").write_text(report.model_card(summary))
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(run.ckpt_root, ignore_errors=True)
+            (out / "run_config.json").unlink(missing_ok=True)
+        tqdm.write(report.summary_table(summary))
+    return summary
+
+
+def _full_model(run: Run):
+    """The trained model, whole and in fp32, on the main process (None elsewhere)."""
+    from accelerate.utils import DistributedType
+
+    acc = run.acc
+    if acc.distributed_type == DistributedType.FSDP:
+        state = acc.get_state_dict(run.model)  # a collective: every process gathers
+        if not acc.is_main_process:
+            return None
+        model, _ = _load_base(run.cfg)
+        if not run.cfg.keep_ln:
+            convert_to_fake(model)
+        model.load_state_dict(state)
+        return model.to(acc.device).float().eval()
+    # Without Accelerate's autocast wrapper: the export is checked in plain fp32.
+    return acc.unwrap_model(run.model, keep_fp32_wrapper=False).float().eval() if acc.is_main_process else None
+
+
+@torch.no_grad()
+def _check_export(model, path: Path, ids: torch.Tensor) -> float:
+    """Max |logit difference| between the trained model and the exported one, loaded by plain transformers."""
+    from transformers import GPT2LMHeadModel
+
+    plain = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    device = next(model.parameters()).device
+    a = model(ids.to(device)).logits.float().cpu()
+    b = plain(ids).logits.float()
+    return (a - b).abs().max().item()

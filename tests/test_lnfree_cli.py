@@ -1,0 +1,198 @@
+"""`python -m lnfree.remove` / `lnfree.evaluate` as real subprocesses on a tiny model (2 layers, d_model 64)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from models import load_hf
+from tests.conftest import TEXT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+STEPS = 30
+# 30 steps of 8 sequences x 32 tokens; the gpt2 recipe compressed: every LN gone by step 10.
+TRAIN = ["--recipe", "gpt2", "--max-steps", str(STEPS), "--micro-batch", "4", "--grad-accum", "2",
+         "--n-ctx", "32", "--warmup", "3", "--seed", "1", "--threads", "1"]
+
+
+def remove(*args, check=True, launcher=None):
+    cmd = (launcher or [sys.executable, "-m"]) + ["lnfree.remove", *map(str, args)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_user_error(proc, *words):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    with open(path, "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": f"{TEXT[i % 3]} Number {i}."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_ln_dir, text_data):
+    """An uninterrupted run, checkpointing every 5 steps."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    remove("--model", tiny_ln_dir, "--output-dir", out, "--data", text_data, "--save-every", 5, *TRAIN)
+    return out
+
+
+def test_end_to_end_run_removes_every_ln_and_lowers_the_loss(baseline, tiny_ln_dir):
+    run = json.loads((baseline / "run.json").read_text())
+    rows = [json.loads(ln) for ln in (baseline / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[-1]["lns_removed"] == 7  # 2 x (ln_2, ln_1 q/k, ln_1 v) + ln_f
+    assert max(s for s in run["schedule"].values()) <= 0.7 * STEPS
+    assert run["steps"] == STEPS and run["tokens_seen"] == STEPS * 8 * 32
+    assert run["heldout_ce_final"] < run["heldout_ce_initial"] - 1.0
+    assert sum(r["ce"] for r in rows[-5:]) / 5 < rows[0]["ce"] - 1.0
+    assert run["export_max_logit_diff"] < 1e-4
+    assert not (baseline / "checkpoints").exists()  # pruned after a finished run
+    assert (baseline / "README.md").read_text().count(f"{run['heldout_ce_final']:.4f}") >= 1
+    model, _, info = load_hf(str(baseline))
+    assert info.ln_free and info.base == str(tiny_ln_dir)
+    assert info.sigmas == pytest.approx({k: v for k, v in run["exported_sigmas"].items()})
+    # The q/k sigma is what ln_1 stores; the v path's was folded into c_attn.
+    assert info.sigmas["blocks.0.ln1"] == pytest.approx(run["sigmas"]["blocks.0.ln1.qk"])
+    plain = GPT2LMHeadModel.from_pretrained(baseline)
+    assert plain.config.layer_norm_epsilon == 1e12
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, baseline, tiny_ln_dir, text_data):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lnfree.remove", "--model", str(tiny_ln_dir), "--output-dir", str(out),
+           "--data", str(text_data), "--save-every", "5", *TRAIN]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere in the following steps, possibly mid-checkpoint
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "run.json").exists()
+    remove("--output-dir", out, "--resume", "--threads", 1)
+    a = json.loads((baseline / "run.json").read_text())
+    b = json.loads((out / "run.json").read_text())
+    assert b["steps"] == STEPS and b["tokens_seen"] == a["tokens_seen"]
+    assert b["heldout_ce_initial"] == a["heldout_ce_initial"]
+    assert abs(a["heldout_ce_final"] - b["heldout_ce_final"]) < 1e-3
+    assert b["sigmas"] == pytest.approx(a["sigmas"], rel=1e-3)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # no duplicated steps after the kill
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_ln_dir, text_data):
+    args = ["--model", tiny_ln_dir, "--data", text_data, "--save-every", 0, *TRAIN, "--max-steps", 12]
+    remove("--output-dir", tmp_path / "one", *args)
+    # Without GPUs, lnfree.remove asks Accelerate for the CPU, so --multi_gpu starts 2 gloo processes.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    remove("--output-dir", tmp_path / "two", *args, launcher=launch)
+    a = json.loads((tmp_path / "one" / "run.json").read_text())
+    b = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert abs(a["heldout_ce_final"] - b["heldout_ce_final"]) < 2e-3
+    assert b["sigmas"] == pytest.approx(a["sigmas"], rel=1e-3)
+    ra = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ce"] for r in rb] == pytest.approx([r["ce"] for r in ra], abs=2e-3)
+
+
+def test_divergence_stops_cleanly_or_rolls_back(tmp_path, tiny_ln_dir, text_data):
+    args = ["--model", tiny_ln_dir, "--data", text_data, "--save-every", 3, *TRAIN, "--max-steps", 16,
+            "--debug-nan-step", 12]
+    stop = remove("--output-dir", tmp_path / "stop", *args, check=False)
+    lines = stop.stderr.strip().splitlines()
+    assert stop.returncode == 3 and "Traceback" not in stop.stderr
+    assert "step 12: the loss became nan" in lines[-1] and "step-000009" in lines[-1]
+    assert not (tmp_path / "stop" / "model.safetensors").exists()  # no broken final model
+    # Checkpoints at 3, 6, 9: the last two are kept.
+    kept = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir())
+    assert kept == ["step-000006", "step-000009"]
+    remove("--output-dir", tmp_path / "rec", *args, "--auto-recover")
+    run = json.loads((tmp_path / "rec" / "run.json").read_text())
+    assert run["recoveries"] == 1 and run["lr_scale"] == 0.5 and run["steps"] == 16
+    events = [json.loads(x) for x in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
+    rollback = [e for e in events if e.get("event") == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["step"] == 9
+    # After the rollback, steps 10.. run again at half the learning rate.
+    first = [e for e in events if e.get("step") == 10 and "lr" in e]
+    assert len(first) == 2 and first[1]["lr"] == pytest.approx(first[0]["lr"] / 2)
+
+
+def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "lnfree.evaluate", "--models", str(tiny_ln_dir), str(baseline),
+                           "--data", str(text_data), "--tokens", "256", "--n-ctx", "32", "--json", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [m["spec"] for m in result["models"]] == [str(tiny_ln_dir), str(baseline)]
+    assert "(+0.0000)" in proc.stdout
+    # Independent check: transformers' own loss on the same held-out text.
+    from lnfree.data import documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_ln_dir)
+    stream = []
+    for doc in documents(str(text_data), "heldout"):
+        stream += [tok.eos_token_id] + tok(doc)["input_ids"]
+    ids = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)[:8]
+    for spec, row in zip((tiny_ln_dir, baseline), result["models"], strict=True):
+        model = GPT2LMHeadModel.from_pretrained(spec).eval()
+        with torch.no_grad():
+            want = model(ids, labels=ids).loss.item()
+        assert row["tokens"] == 8 * 31 and row["ce_mean"] == pytest.approx(want, abs=1e-4)
+    assert result["models"][1]["ln_free"] and not result["models"][0]["ln_free"]
+
+
+def test_dry_run_plans_gpt2_xl_without_weights():
+    proc = remove("--model", "gpt2-xl", "--output-dir", "/nonexistent/xl", "--dry-run", "--mixed-precision", "bf16")
+    out = proc.stdout
+    assert "48 layers" in out and "1,557.6M parameters" in out
+    assert "ln_f            1         722        722" in out
+    assert "ln_1 v         48         434        716" in out
+    gib = float(out.split("~")[1].split(" GiB")[0])
+    assert 35 < gib < 80
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):
+    assert_user_error(remove("--model", "no-such-model", "--output-dir", tmp_path / "a", check=False),
+                      "Unknown model")
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "b", "--data",
+                             tmp_path / "missing.txt", check=False), "does not exist")
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "c", "--data", text_data,
+                             "--dataset", "demo", check=False), "not allowed with")
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "d", "--lr", "1e-4",
+                             "--min-lr", "1e-3", check=False), "--min-lr")
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", baseline, check=False),
+                      "already holds another run")
+    assert_user_error(remove("--output-dir", baseline, "--resume", check=False), "already finished")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "e", "--data", bad,
+                             *TRAIN, check=False), "no string field `text`")
+    proc = subprocess.run([sys.executable, "-m", "lnfree.evaluate", "--models", "nope"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert_user_error(proc, "Unknown model")
+

@@ -1,0 +1,46 @@
+"""Data sources: the paper's OpenWebText split without the download, local files, deterministic batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lnfree import data
+
+
+def test_owt_split_matches_datasets_train_test_split(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    n = 20_000
+    monkeypatch.setattr(data, "OPENWEBTEXT_DOCS", n)
+    split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
+        test_size=data.OWT_TEST_SIZE, seed=data.OWT_SEED)
+    assert data.owt_test_indices() == set(split["test"]["i"])
+    assert len(split["test"]) == 10
+
+
+def test_local_sources_and_heldout_split(tmp_path):
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "b.txt").write_text("second file")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "c.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(38)) + "\n")
+    train, held = list(data.documents(str(tmp_path), "train")), list(data.documents(str(tmp_path), "heldout"))
+    assert len(train) + len(held) == 40 and len(held) == 2  # 5% held out
+    assert not set(train) & set(held)
+    with pytest.raises(data.DataError, match="no string field"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"txt": 1}\n')
+        data.documents(str(bad), "train")
+
+
+def test_batches_are_a_function_of_the_step_only():
+    chunks = torch.arange(40).view(10, 4)
+    d1, d2 = data.TrainData(chunks, seed=3), data.TrainData(chunks, seed=3)
+    # One process with 2 micro-batches of 2 == two processes with one micro-batch each.
+    step = torch.cat([d1.batch(4, 2, 4, 0), d1.batch(4, 2, 4, 1)])
+    assert torch.equal(step, torch.cat([d2.batch(4, 2, 4, 0), d2.batch(4, 2, 4, 1)]))
+    # An epoch visits every chunk once.
+    rows = torch.cat([d1.batch(s, 2, 2, 0) for s in range(1, 6)])
+    assert sorted(rows[:, 0].tolist()) == list(range(0, 40, 4))

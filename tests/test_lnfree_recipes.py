@@ -1,0 +1,80 @@
+"""Recipes and removal schedules against DESIGN.md's table of the paper's values."""
+
+from __future__ import annotations
+
+import pytest
+
+from lnfree.fake_ln import fake_ln_names
+from lnfree.plan import estimate_memory
+from lnfree.recipes import RECIPES, TARGET_FRACTION, override, schedule
+from models.registry import GPT2_SHAPES
+
+# recipe: n_layer, (ln2 start, qk start, v start, ln_f), gaps (ln2, qk, v), steps, lr, min lr, warmup, aux
+TABLE = {
+    "gpt2": (12, (20, 44, 68, 104), (2, 2, 3), 300, 6e-4, 3e-4, 25, 0.1),
+    "gpt2-medium": (24, (20, 68, 116, 188), (2, 2, 3), 500, 6e-4, 3e-4, 10, 0.1),
+    "gpt2-large": (36, (30, 174, 318, 534), (4, 4, 6), 1200, 3e-4, 4e-5, 15, 0.03),
+    "gpt2-xl": (48, (50, 242, 434, 722), (4, 4, 6), 1200, 1e-4, 2e-5, 20, 0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_paper_recipe_values_and_schedule(name):
+    n_layer, starts, gaps, steps, lr, min_lr, warmup, aux = TABLE[name]
+    r = RECIPES[name]
+    assert (r.steps, r.lr, r.min_lr, r.warmup, r.aux_lambda) == (steps, lr, min_lr, warmup, aux)
+    assert r.weight_decay == 0.01 and r.grad_clip == 1.0 and r.n_ctx == 1024
+    assert 500_000 <= r.tokens_per_step <= 530_000  # ~516k tokens per optimizer step
+    sched = schedule(r, n_layer)
+    assert list(sched) == fake_ln_names(n_layer)
+    for stage, start, gap in zip(("ln2", "ln1.qk", "ln1.v"), starts, gaps, strict=False):
+        assert [sched[f"blocks.{i}.{stage}"] for i in range(n_layer)] == [start + i * gap for i in range(n_layer)]
+    assert sched["ln_final"] == starts[3]
+    # Stages do not overlap: every ln_2 before any ln_1 q/k, before any v, before ln_f.
+    order = list(sched.values())
+    assert order == sorted(order)
+
+
+def test_large_and_xl_momentum_scales_with_micro_batch():
+    assert RECIPES["gpt2"].momentum == 0.9
+    assert RECIPES["gpt2-xl"].momentum == pytest.approx(0.9 ** (RECIPES["gpt2-xl"].micro_batch / 32))
+    assert RECIPES["gpt2-xl"].step_momentum == pytest.approx(0.9 ** (4 / 32 * 128))
+
+
+def test_demo_recipe_removes_everything_by_step_50():
+    sched = schedule(RECIPES["demo"], 4)
+    assert min(sched.values()) == 20 and max(sched.values()) <= 50
+    assert list(sched.values()) == sorted(sched.values())
+
+
+@pytest.mark.parametrize("name,max_steps", [("gpt2", 100), ("gpt2-xl", 800), ("gpt2-xl", 60), ("demo", 30)])
+def test_compressed_schedule(name, max_steps):
+    r = RECIPES[name]
+    n_layer = TABLE[name][0] if name in TABLE else 4
+    full, short = schedule(r, n_layer), schedule(r, n_layer, max_steps)
+    assert max(short.values()) <= TARGET_FRACTION * max_steps + 1
+    assert min(short.values()) >= 2
+    assert list(short.values()) == sorted(short.values())  # order preserved
+    scale = min(max_steps / r.steps, TARGET_FRACTION * max_steps / max(full.values()))
+    for k in full:  # proportional (floored), apart from the clamp at step 2
+        assert short[k] == max(2, int(full[k] * scale))
+
+
+def test_override_and_unchanged_schedule_for_longer_runs():
+    r = override(RECIPES["gpt2"], lr=1e-3, aux_lambda=None)
+    assert r.lr == 1e-3 and r.aux_lambda == 0.1
+    assert schedule(RECIPES["gpt2"], 12, 400) == schedule(RECIPES["gpt2"], 12)
+
+
+def test_xl_memory_estimate_is_realistic():
+    shape, r = GPT2_SHAPES["gpt2-xl"], RECIPES["gpt2-xl"]
+    assert 1.5e9 < shape.params < 1.6e9
+    mem = estimate_memory(shape, r, "bf16")
+    # 16 bytes/param of fp32 weights, grads and AdamW moments + a bf16 weight cache: ~28 GiB.
+    assert mem.states == pytest.approx(18 * shape.params)
+    # Activations: 48 layers x 1024 x 4 x 1600 x 38 bytes ~ 11.2 GiB with bf16.
+    assert mem.activations == pytest.approx(48 * 1024 * 4 * 1600 * 38)
+    assert 35 * 2**30 < mem.total < 80 * 2**30  # fits one 80 GB GPU, as the paper's runs did
+    sharded = estimate_memory(shape, r, "bf16", world=8, fsdp=True, grad_ckpt=True)
+    assert sharded.states == pytest.approx(16 * shape.params / 8 + 2 * shape.params)
+    assert sharded.total < mem.total / 2
