@@ -225,12 +225,13 @@ def test_demo_model_size_and_quality():
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (4, 256, 4, 256, 8192)
     assert not info.ln_free and info.twin == "demo-lnfree"
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    held = pack(tok(load_passages("heldout")[:12])["input_ids"], eot, cfg.n_positions)
-    ce = token_losses(model, held).mean().item()
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, cfg.n_positions)
+    ce = token_losses(model, held, batch_size=64).mean().item()
     assert ce < math.log(cfg.vocab_size) - 3.0  # far better than uniform (9.01 nats)
-    assert ce == pytest.approx(report["heldout_ce"], abs=0.3)  # same ballpark as the full split
-    ind = induction_losses(model, cfg.vocab_size, bos_id=eot, n_seq=8)
-    assert ind["second_copy"] < 0.5 * ind["first_copy"]
+    assert ce == pytest.approx(report["heldout_ce"], abs=1e-3)  # the README's number
+    # The reported induction numbers are what the model does (it has no induction heads: README).
+    ind = induction_losses(model, cfg.vocab_size, bos_id=eot)
+    assert ind == pytest.approx(report["induction"], abs=1e-3)
 
 
 @needs_demo
