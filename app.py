@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import zipfile
+from collections import OrderedDict
 from functools import partial
 
 import pandas as pd
@@ -19,6 +20,9 @@ import torch
 
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
 from attribution import export as exporting
+from attribution.findings import AnalysisCancelled, compare_findings, heldout_tokens, summary_table
+from attribution.findings_plots import FINDINGS_FIGURES
+from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
 
 st.set_page_config(page_title="lnfree workbench", layout="wide")
@@ -27,10 +31,11 @@ CUSTOM_PAIR = "Custom (hub names or local directories)"
 PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
 DEFAULT_PAIR = "demo  |  demo-lnfree"
 TASK_HELP = {
+    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt).",
     "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
     "ioi": "Indirect object identification; corrupted: the names swapped.",
-    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt).",
 }
+
 USER_ERRORS = (ModelSpecError, AttributionInputError)
 
 
@@ -40,18 +45,57 @@ def get_model(spec: str, dtype: str, device: str):
     return load_bridge(spec, dtype, device)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def get_results(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: tuple,
-                _progress=None) -> PairResults:
-    ln, ln_info = get_model(ln_spec, dtype, device)
-    lf, lf_info = get_model(lnfree_spec, dtype, device)
-    return compare(ln, ln_info, lf, lf_info, Settings(**dict(settings)), progress=_progress)
+class LRU(OrderedDict):
+    """Results kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)"""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or_compute(self, key, compute):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = compute()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+@st.cache_resource
+def result_store() -> dict[str, LRU]:
+    return {"pair": LRU(32), "findings": LRU(8)}
+
+
+def get_results(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings,
+                progress) -> PairResults:
+    def compute():
+        ln, ln_info = get_model(ln_spec, dtype, device)
+        lf, lf_info = get_model(lnfree_spec, dtype, device)
+        return compare(ln, ln_info, lf, lf_info, settings, progress=progress)
+
+    key = (ln_spec, lnfree_spec, dtype, device, repr(settings))
+    return result_store()["pair"].get_or_compute(key, compute)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int, head: int):
     bridge, _ = get_model(spec, dtype, device)
     return attention_pattern(bridge, Settings(**dict(settings)), layer, head)
+
+
+def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq: int, progress) -> dict:
+    def compute():
+        ln, _ = get_model(ln_spec, dtype, device)
+        lf, _ = get_model(lnfree_spec, dtype, device)
+        tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, n_seq) for b in (ln, lf)]
+        return compare_findings(ln, lf, *tokens, progress=progress)
+
+    return result_store()["findings"].get_or_compute((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
+
+
+def progress_to(bar):
+    return lambda fraction, text: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
 
 
 def sidebar() -> tuple[str, str, str, str, Settings]:
@@ -75,13 +119,10 @@ def sidebar() -> tuple[str, str, str, str, Settings]:
     sb.caption(TASK_HELP[task])
     fields = {}
     if task == "custom":
-        fields["prompt"] = sb.text_area("Prompt", "When Mary and John went to the store, John gave a drink to",
-                                       key="prompt")
-        fields["answer"] = sb.text_input("Answer", " Mary", key="answer")
-        fields["counterfactual"] = sb.text_input("Counterfactual", " John", key="counterfactual")
-        fields["corrupt"] = sb.text_area("Corrupted prompt (optional)",
-                                         "When Mary and John went to the store, Mary gave a drink to",
-                                         key="corrupt")
+        fields["prompt"] = sb.text_area("Prompt", PRESET["prompt"], key="prompt")
+        fields["answer"] = sb.text_input("Answer", PRESET["answer"], key="answer")
+        fields["counterfactual"] = sb.text_input("Counterfactual", PRESET["counterfactual"], key="counterfactual")
+        fields["corrupt"] = sb.text_area("Corrupted prompt (optional)", PRESET["corrupt"], key="corrupt")
         fields["position"] = int(sb.number_input("Metric position (-1 = last)", value=-1, step=1,
                                                  key="position"))
     else:
@@ -181,17 +222,51 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
     download_row(fig, f"attention_L{layer}H{head}", None, key="attention")
 
 
+def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
+    """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
+    st.caption("Over held-out text of the demo corpus: confidence-neuron ablation, first-token residual "
+               "norms and attention sinks, calibration, and the DLA error per head (arXiv 2507.02559, "
+               "section 5).")
+    cols = st.columns([2, 1, 1])
+    n_seq = cols[0].slider("Held-out sequences", 4, 128, 32, key="findings_n_seq")
+    if cols[1].button("Run dataset analyses", key="findings_run"):
+        st.session_state["findings_for"] = (ln_spec, lnfree_spec, dtype, device, n_seq)
+    if cols[2].button("Cancel", key="findings_cancel"):  # the click's rerun interrupts a running analysis
+        st.session_state.pop("findings_for", None)
+    if st.session_state.get("findings_for") != (ln_spec, lnfree_spec, dtype, device, n_seq):
+        return
+    bar = st.progress(0.0, text="Analysing held-out text...")
+    try:
+        result = get_findings(ln_spec, lnfree_spec, dtype, device, n_seq, progress_to(bar))
+    except AnalysisCancelled:
+        st.warning("Cancelled.")
+        return
+    finally:
+        bar.empty()
+    table = pd.DataFrame(summary_table(result))
+    st.dataframe(table, hide_index=True, key="findings-summary")
+    cols = st.columns(2)
+    cols[0].download_button("Findings CSV", table.to_csv(index=False), "findings.csv", "text/csv",
+                            on_click="ignore", key="findings-csv")
+    cols[1].download_button("Findings JSON", json.dumps(result, indent=1), "findings.json",
+                            "application/json", on_click="ignore", key="findings-json")
+    for name, make in FINDINGS_FIGURES.items():
+        fig = make(result)
+        st.plotly_chart(fig, key=f"fig-findings-{name}")
+        download_row(fig, f"findings_{name}", None, key=f"findings-{name}")
+
+
 def main() -> None:
     ln_spec, lnfree_spec, dtype, device, settings = sidebar()
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
                "checked against activation patching. Left: LN model. Right: its LN-free twin.")
     # The AtP / AtP* choice only selects what is shown: both are computed once.
-    key = tuple(sorted(dataclasses.asdict(dataclasses.replace(settings, method="atp*")).items()))
+    computed = dataclasses.replace(settings, method="atp*")
+    key = tuple(sorted(dataclasses.asdict(computed).items()))
     bar = st.progress(0.0, text="Computing...")
     try:
-        pair = get_results(ln_spec, lnfree_spec, dtype, device, key,
-                           _progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
+        pair = get_results(ln_spec, lnfree_spec, dtype, device, computed, progress_to(bar))
     except USER_ERRORS as err:
         bar.empty()
         st.error(str(err))
@@ -226,6 +301,8 @@ def main() -> None:
     cols[0].download_button("Summary CSV", summary.to_csv(), "summary.csv", "text/csv", on_click="ignore")
     cols[1].download_button("Download all (zip)", partial(zip_all, pair, list(plots.FIGURES)),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
+    st.header("7. Dataset-level findings")
+    findings_panel(ln_spec, lnfree_spec, dtype, device)
 
 
 try:

@@ -24,6 +24,10 @@ OBJECTS = ["drink", "book", "ring", "letter", "sword", "cup", "gift", "coin", "b
 IOI_TEMPLATE = "When {io} and {s} went to the {place}, {s2} gave a {obj} to"
 
 
+# The app's default custom task: a line the demo model (KJV + Shakespeare) and GPT-2 both get right.
+PRESET = {"prompt": "In the beginning God created the heaven and the", "answer": " earth",
+          "counterfactual": " heaven", "corrupt": "In the beginning God created the earth and the"}
+
 @dataclass
 class Task:
     name: str

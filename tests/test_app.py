@@ -13,7 +13,7 @@ from models import load_bridge
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching",
-           "4. Logit lens", "5. Attention pattern", "6. Summary"]
+           "4. Logit lens", "5. Attention pattern", "6. Summary", "7. Dataset-level findings"]
 needs_demo_pair = pytest.mark.skipif(
     not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
 
@@ -35,7 +35,7 @@ def use_pair(at: AppTest, ln: str, lnfree: str, **widgets) -> AppTest:
 def assert_complete(at: AppTest) -> None:
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
-    assert [h.value for h in at.header] == HEADERS
+    assert [h.value for h in at.main.header] == HEADERS
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -48,21 +48,23 @@ def test_default_view_shows_demo_pair_numbers():
     assert_complete(at)
     ln, ln_info = load_bridge("demo")
     lf, lf_info = load_bridge("demo-lnfree")
-    pair = compare(ln, ln_info, lf, lf_info, Settings())
+    from attribution.tasks import PRESET
+
+    pair = compare(ln, ln_info, lf, lf_info, Settings(task="custom", **PRESET))
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
     assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)") == f"{pair.lnfree.dla_nmae:.2e}"
     assert pair.lnfree.dla_nmae < 1e-5
     clean = [m.value for m in at.metric if m.label == "metric, clean"]
     assert clean == [f"{pair.ln.metric_clean:.3f}", f"{pair.lnfree.metric_clean:.3f}"]
     summary = at.dataframe[-1].value
-    assert summary.loc["DLA NMAE vs true direct effect"].tolist() == pytest.approx(
+    assert summary.loc["DLA NMAE vs direct effect"].tolist() == pytest.approx(
         [pair.ln.dla_nmae, pair.lnfree.dla_nmae], abs=1e-9)
     top = at.dataframe[0].value
     assert top["next token"].tolist() == [t for t, _ in pair.ln.top_tokens]
 
 
 @needs_demo_pair
-@pytest.mark.parametrize("task", ["ioi", "custom"])
+@pytest.mark.parametrize("task", ["induction", "ioi"])
 def test_other_tasks(task):
     at = app().run()
     at.sidebar.radio(key="task").set_value(task).run()
@@ -99,6 +101,26 @@ def test_missing_directory_is_an_error(tiny_ln_dir, tmp_path):
     ],
 )
 def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, message):
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom", **{field: value}).run()
+    ioi = {"prompt": "When Mary and John went to the store, John gave a drink to", "answer": " Mary",
+           "counterfactual": " John", "corrupt": "When Mary and John went to the store, Mary gave a drink to"}
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom", **{**ioi, field: value}).run()
     assert not at.exception
     assert len(at.error) == 1 and message in at.error[0].value.lower()
+
+
+def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
+    from attribution.findings import compare_findings, heldout_tokens, summary_table
+
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6,
+                  findings_n_seq=4).run()
+    assert_complete(at)
+    at.button(key="findings_run").click().run()
+    assert not at.exception and not at.error
+    shown = next(d.value for d in at.main.dataframe if "paper" in d.value.columns)
+    ln, _ = load_bridge(str(tiny_ln_dir))
+    lf, _ = load_bridge(str(tiny_lnfree_dir))
+    tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, 4) for b in (ln, lf)]
+    expected = summary_table(compare_findings(ln, lf, *tokens))
+    assert shown["metric"].tolist() == [r["metric"] for r in expected]
+    for column in ("ln", "lnfree"):
+        assert shown[column].tolist() == pytest.approx([r[column] for r in expected], rel=1e-5, nan_ok=True)
