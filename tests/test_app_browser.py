@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,8 @@ def test_app_in_chromium(served_app, tmp_path):
         saved = tmp_path / "dla_heads.html"
         info.value.save_as(saved)
         html = saved.read_text()
-        assert "plotly" in html.lower() and "cdn.plot.ly" not in html
+        # Self-contained: plotly.js is inlined (megabytes), no external <script src=...>.
+        assert len(html) > 1_000_000 and "Plotly.newPlot" in html
+        assert not re.search(r"<script[^>]*\bsrc=", html)
         browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000

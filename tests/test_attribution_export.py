@@ -112,7 +112,7 @@ def test_export_png_svg(pair, tmp_path):
 def test_missing_browser_is_one_sentence(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise RuntimeError("Kaleido requires Chrome to be installed.")
-    monkeypatch.setattr(go.Figure, "write_image", fail)
+    monkeypatch.setattr(go.Figure, "to_image", fail)
     with pytest.raises(ExportUnavailable, match="install Debian's chromium"):
         write_figure(go.Figure(), tmp_path / "x.png", "png")
 
