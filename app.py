@@ -199,6 +199,7 @@ def zip_all(pair: PairResults, names: list[str]) -> bytes:
 
 
 def predictions(pair: PairResults) -> None:
+    st.caption("First clean prompt: " + "".join(pair.ln.str_tokens).replace("\n", " "))
     cols = st.columns(2)
     for col, label, res in ((cols[0], "LN", pair.ln), (cols[1], "LN-free", pair.lnfree)):
         with col:
