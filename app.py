@@ -295,6 +295,9 @@ def main() -> None:
     figure(pair, "logit_lens")
     st.header("5. Attention pattern")
     attention_panel(ln_spec, lnfree_spec, dtype, device, key, pair)
+    problem = exporting.image_export_problem()
+    if problem:
+        st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
     st.header("6. Summary")
     summary = summary_frame(pair)
     st.dataframe(summary, key="summary")

@@ -124,3 +124,23 @@ def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     assert shown["metric"].tolist() == [r["metric"] for r in expected]
     for column in ("ln", "lnfree"):
         assert shown[column].tolist() == pytest.approx([r[column] for r in expected], rel=1e-5, nan_ok=True)
+
+
+def test_missing_chromium_is_an_error_with_what_to_install(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):
+    from attribution import export
+
+    monkeypatch.setattr(export, "image_export_problem", lambda: export.CHROMIUM_HINT)
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [export.CHROMIUM_HINT]
+    assert "apt-get install chromium" in export.CHROMIUM_HINT
+
+
+def test_not_enough_memory_is_an_error(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):
+    from models import loading
+
+    monkeypatch.setattr(loading, "available_bytes", lambda device: 1024)
+    # A trailing slash is a new spec string, so the app's model cache cannot answer from memory.
+    at = use_pair(app(), str(tiny_ln_dir) + "/", str(tiny_lnfree_dir) + "/").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "needs about" in at.error[0].value and "bfloat16" in at.error[0].value
