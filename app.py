@@ -94,6 +94,14 @@ def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq:
     return result_store()["findings"].get_or_compute((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
 
 
+def base_of_lnfree(lnfree_spec: str, dtype: str, device: str) -> str:
+    """The LN model an LN-free checkpoint was made from (recorded by lnfree.remove, or a known pair)."""
+    _, info = get_model(lnfree_spec, dtype, device)
+    if not info.base:
+        raise ModelSpecError(f"{lnfree_spec!r} records no base model; enter the LN model to compare it with.")
+    return info.base
+
+
 def progress_to(bar):
     return lambda fraction, text: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
 
@@ -104,7 +112,8 @@ def sidebar() -> tuple[str, str, str, str, Settings]:
     label = sb.selectbox("Model pair (LN | LN-free)", [*PAIR_LABELS, CUSTOM_PAIR],
                          index=list(PAIR_LABELS).index(DEFAULT_PAIR), key="pair")
     if label == CUSTOM_PAIR:
-        ln_spec = sb.text_input("LN model", "demo", help="Hub name or local directory", key="ln_spec")
+        ln_spec = sb.text_input("LN model", "demo", key="ln_spec",
+                                help="Hub name or local directory; leave empty to use the LN-free model's base")
         lnfree_spec = sb.text_input("LN-free model", "demo-lnfree",
                                     help="Hub name or a directory written by `python -m lnfree.remove`",
                                     key="lnfree_spec")
@@ -267,6 +276,7 @@ def main() -> None:
     key = tuple(sorted(dataclasses.asdict(computed).items()))
     bar = st.progress(0.0, text="Computing...")
     try:
+        ln_spec = ln_spec.strip() or base_of_lnfree(lnfree_spec, dtype, device)
         pair = get_results(ln_spec, lnfree_spec, dtype, device, computed, progress_to(bar))
     except USER_ERRORS as err:
         bar.empty()

@@ -144,3 +144,18 @@ def test_not_enough_memory_is_an_error(tiny_ln_dir, tiny_lnfree_dir, monkeypatch
     at = use_pair(app(), str(tiny_ln_dir) + "/", str(tiny_lnfree_dir) + "/").run()
     assert not at.exception
     assert len(at.error) == 1 and "needs about" in at.error[0].value and "bfloat16" in at.error[0].value
+
+
+def test_empty_ln_field_pairs_an_lnfree_dir_with_its_recorded_base(tmp_path, tokenizer, tiny_ln_dir, tiny_sigmas):
+    from tests.conftest import tiny_model, write_lnfree
+
+    model = tiny_model(tokenizer)
+    model.config.lnfree_base = str(tiny_ln_dir)
+    write_lnfree(model, tiny_sigmas, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    at = use_pair(app(), "", str(tmp_path), task="induction", n_prompts=2, seq_len=6).run()
+    assert_complete(at)
+    assert at.subheader[0].value == f"LN: `{tiny_ln_dir}`"
+    # Without a recorded base the empty field is a user error, not a traceback.
+    at = use_pair(app(), "", str(tiny_ln_dir), task="induction").run()
+    assert not at.exception and "records no base model" in at.error[0].value
