@@ -64,7 +64,8 @@ def resolve(spec: str) -> Path:
             raise ModelSpecError(f"`{spec}` is not built yet; build it with `{how}`.")
         return path
     path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")) or os.sep in spec and spec not in registry.HUB_MODELS:
+    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and spec not in registry.HUB_MODELS)
+    if path.exists() or looks_local:
         return _check_local_dir(path, spec)
     if spec in registry.HUB_MODELS:
         return _download(spec)
@@ -77,7 +78,8 @@ def resolve(spec: str) -> Path:
 
 def _check_local_dir(path: Path, spec: str) -> Path:
     if not path.is_dir():
-        raise ModelSpecError(f"Model directory {spec!r} does not exist.")
+        raise ModelSpecError(f"Model directory {spec!r} does not exist (and it is not a known hub model); "
+                             f"check the path.")
     if not (path / "config.json").exists():
         raise ModelSpecError(f"{spec!r} has no config.json; point at a Hugging Face model directory.")
     if not list(path.glob("*.safetensors")):
