@@ -155,11 +155,10 @@ def _check_device(device: str) -> str:
     return device
 
 
-def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu", exact_ln: bool = True):
+def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load `spec` as (GPT2LMHeadModel in eval mode, tokenizer, ModelInfo).
 
-    LN-free checkpoints get FixedLayerNorm modules unless exact_ln=False (then
-    they stay plain nn.LayerNorm in the eps = 1e12 convention, as on disk).
+    LN-free checkpoints get FixedLayerNorm modules (exact linear maps).
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -178,9 +177,7 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
         raise ModelSpecError(f"Could not load {spec!r}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()
     ln_free = is_ln_free_config(model.config)
-    sigmas = make_exact(model) if ln_free and exact_ln else None
-    if ln_free and not exact_ln:
-        sigmas = {n: float(s) for n, s in (getattr(model.config, "lnfree_sigmas", None) or {}).items()} or None
+    sigmas = make_exact(model) if ln_free else None
     base = cfg.get("lnfree_base") or registry.base_of(spec)
     return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg)
 
