@@ -160,7 +160,7 @@ def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
                             key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
                             help=problem)
     if table:
-        cols[3].download_button("CSV", exporting.table_csv(table), f"{name}.csv", "text/csv",
+        cols[3].download_button("CSV", partial(exporting.table_csv, table), f"{name}.csv", "text/csv",
                                 key=f"{key}-csv", on_click="ignore")
 
 
