@@ -1,5 +1,10 @@
 """Cross-entropy of several models on identical tokens, in the paper's Table-1 layout.
 
+Each model is also given repeated random tokens (64 sequences, 50 tokens twice, or
+fewer where the context is shorter):
+its loss on the second copy far below the first means it has induction heads, a
+circuit LN removal should keep.
+
     python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME] [--tokens N] [--json OUT]
 
 Default data: the demo held-out split when every model is a demo model (or was
@@ -18,7 +23,7 @@ import torch
 from lnfree.data import DataError, documents, tokenize_chunks
 from lnfree.remove import EXIT_USER, OneLineParser
 from models import ModelSpecError, load_hf
-from models.quality import token_losses
+from models.quality import induction_losses, token_losses
 from models.registry import DEMO_DIRS
 
 
@@ -57,8 +62,11 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
     rows = []
     for (model, _, info) in loaded:
         losses = token_losses(model, chunks, batch_size).flatten()
+        induction = induction_losses(model, len(tok), bos_id=tok.bos_token_id,
+                                     length=min(50, (model.config.n_positions - 1) // 2))
         rows.append({"spec": info.spec, "ln_free": info.ln_free, "ce_mean": losses.mean().item(),
-                     "ce_median": losses.median().item(), "tokens": int(losses.numel())})
+                     "ce_median": losses.median().item(), "tokens": int(losses.numel()),
+                     "induction_first": induction["first_copy"], "induction_second": induction["second_copy"]})
     return {"data": source, "n_ctx": ctx, "models": rows}
 
 
@@ -67,14 +75,16 @@ def format_table(result: dict) -> str:
     best_mean = min(r["ce_mean"] for r in rows)
     best_med = min(r["ce_median"] for r in rows)
     w = max(12, *(len(r["spec"]) for r in rows))
-    lines = [f"{'model':<{w}}  {'LN-free':<7}  {'CE mean':<18}  {'CE median':<18}",
-             f"{'-' * w}  {'-' * 7}  {'-' * 18}  {'-' * 18}"]
+    lines = [f"{'model':<{w}}  {'LN-free':<7}  {'CE mean':<18}  {'CE median':<18}  induction 1st -> 2nd copy",
+             f"{'-' * w}  {'-' * 7}  {'-' * 18}  {'-' * 18}  {'-' * 25}"]
     for r in rows:
         mean = f"{r['ce_mean']:.4f} (+{r['ce_mean'] - best_mean:.4f})"
         med = f"{r['ce_median']:.4f} (+{r['ce_median'] - best_med:.4f})"
-        lines.append(f"{r['spec']:<{w}}  {'yes' if r['ln_free'] else 'no':<7}  {mean:<18}  {med:<18}")
+        ind = f"{r['induction_first']:.2f} -> {r['induction_second']:.2f}"
+        lines.append(f"{r['spec']:<{w}}  {'yes' if r['ln_free'] else 'no':<7}  {mean:<18}  {med:<18}  {ind}")
     lines.append(f"{rows[0]['tokens']:,} tokens of {result['data']} per model, context {result['n_ctx']}; "
-                 f"(+gap) to the best model")
+                 f"(+gap) to the best model; induction: mean loss on the first and second copy of "
+                 f"repeated random tokens")
     return "\n".join(lines)
 
 

@@ -118,13 +118,16 @@ def twin_card(run: dict, control: dict | None, evaluation: dict | None, commands
         rows = evaluation["models"]
         best = min(r["ce_mean"] for r in rows)
         table = "\n".join(f"| `{r['spec']}` | {'yes' if r['ln_free'] else 'no'} | {r['ce_mean']:.4f} "
-                          f"(+{r['ce_mean'] - best:.4f}) | {r['ce_median']:.4f} |" for r in rows)
+                          f"(+{r['ce_mean'] - best:.4f}) | {r['ce_median']:.4f} | {r['induction_first']:.2f} -> {r['induction_second']:.2f} |" for r in rows)
         card += f"""
 ## Three-way comparison (`python -m lnfree.evaluate`, {rows[0]['tokens']:,} tokens of {evaluation['data']})
 
-| model | LN-free | CE mean (gap to best) | CE median |
-|---|---|---|---|
+| model | LN-free | CE mean (gap to best) | CE median | induction: 1st -> 2nd copy |
+|---|---|---|---|---|
 {table}
+
+Induction: mean loss on the first and the second copy of 64 repeated random-token
+sequences (50 tokens each); a second copy far below the first means induction heads.
 """
     if control:
         gap = run["heldout_ce_final"] - control["heldout_ce_final"]

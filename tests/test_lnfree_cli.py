@@ -152,6 +152,7 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
     assert "(+0.0000)" in proc.stdout
     # Independent check: transformers' own loss on the same held-out text.
     from lnfree.data import documents
+    from models.quality import induction_losses  # its slicing is checked in test_models
 
     tok = AutoTokenizer.from_pretrained(tiny_ln_dir)
     stream = []
@@ -163,6 +164,9 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
         with torch.no_grad():
             want = model(ids, labels=ids).loss.item()
         assert row["tokens"] == 8 * 31 and row["ce_mean"] == pytest.approx(want, abs=1e-4)
+        ind = induction_losses(model, len(tok), bos_id=tok.bos_token_id, length=31)  # n_ctx 64
+        assert (row["induction_first"], row["induction_second"]) == pytest.approx(
+            (ind["first_copy"], ind["second_copy"]), abs=1e-4)
     assert result["models"][1]["ln_free"] and not result["models"][0]["ln_free"]
 
 
