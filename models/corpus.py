@@ -1,4 +1,5 @@
-"""The embedded demo corpus (KJV + Shakespeare) and packing text into n_ctx chunks."""
+"""The embedded demo corpus (KJV + Shakespeare), packing text into n_ctx chunks, and repeated
+random spans (what `pretrain_demo`'s induction experiments add to the text)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def pack(token_lists: Iterable[list[int]], eot_id: int, n_ctx: int) -> torch.Ten
         stream.extend(ids)
     n = len(stream) // n_ctx
     return torch.tensor(stream[: n * n_ctx], dtype=torch.long).view(n, n_ctx)
+
+
+def repeated_spans(n: int, n_ctx: int, vocab_size: int, eot_id: int, gen: torch.Generator,
+                   lengths: tuple[int, int] = (16, 128)) -> torch.Tensor:
+    """[n, n_ctx] sequences: EOT, then a random span (never EOT) of a length drawn from `lengths`
+    (inclusive) repeated to fill n_ctx."""
+    rows = [torch.empty(0, n_ctx, dtype=torch.long)]
+    for _ in range(n):
+        length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=gen))
+        span = torch.randint(0, vocab_size - 1, (length,), generator=gen)
+        span = span + (span >= eot_id).long()
+        body = span.repeat(-(-(n_ctx - 1) // length))[: n_ctx - 1]
+        rows.append(torch.cat([torch.tensor([eot_id]), body])[None])
+    return torch.cat(rows)
