@@ -118,7 +118,8 @@ def twin_card(run: dict, control: dict | None, evaluation: dict | None, commands
         rows = evaluation["models"]
         best = min(r["ce_mean"] for r in rows)
         table = "\n".join(f"| `{r['spec']}` | {'yes' if r['ln_free'] else 'no'} | {r['ce_mean']:.4f} "
-                          f"(+{r['ce_mean'] - best:.4f}) | {r['ce_median']:.4f} | {r['induction_first']:.2f} -> {r['induction_second']:.2f} |" for r in rows)
+                          f"(+{r['ce_mean'] - best:.4f}) | {r['ce_median']:.4f} | "
+                          f"{r['induction_first']:.2f} -> {r['induction_second']:.2f} |" for r in rows)
         card += f"""
 ## Three-way comparison (`python -m lnfree.evaluate`, {rows[0]['tokens']:,} tokens of {evaluation['data']})
 
