@@ -1,9 +1,8 @@
 """Cross-entropy of several models on identical tokens, in the paper's Table-1 layout.
 
 Each model is also given repeated random tokens (64 sequences, 50 tokens twice, or
-fewer where the context is shorter):
-its loss on the second copy far below the first means it has induction heads, a
-circuit LN removal should keep.
+fewer where the context is shorter): its loss on the second copy far below the
+first means it has induction heads, a circuit LN removal should keep.
 
     python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME] [--tokens N] [--json OUT]
 

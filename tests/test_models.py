@@ -253,7 +253,7 @@ class Copier(torch.nn.Module):
 
     def __init__(self, vocab: int):
         super().__init__()
-        self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(1))  # token_losses reads the device
 
     def forward(self, ids):
         logits = torch.zeros(*ids.shape, self.vocab)
