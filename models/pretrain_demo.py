@@ -18,8 +18,10 @@ logged every 50 steps into training.json):
   within 50 steps once spans of other lengths (16-128) appeared, with or without a
   text ramp.  Most likely a positional shortcut ("copy the token 49 back"), which
   the 50-token probe cannot tell from induction: train on varied lengths.
-- Spans of 10-60 tokens in a 128-token context, `--lr 1.5e-3`, 650 steps of spans
-  only: second copy 9.06 -> 8.88, flat from step 500.  No content-based induction.
+- Spans of 10-60 tokens in a 128-token context, spans only: second copy 9.06 -> 8.9
+  by step 500, then flat; still 8.84-8.93 after 1,450 steps at a constant 1.5e-3
+  (`--sinusoidal-positions --induction-steps 1500 --steps 0 --lr 1.5e-3
+  --min-lr 1.5e-3`).  No content-based induction, and no phase change.
 - `--sinusoidal-positions --repeat-frac 0.25` (spans mixed into text from step 0),
   400 steps: none.
 - Earlier (session 1): 300 + 300 steps of spans continuing from the text-trained
