@@ -32,14 +32,14 @@ from attribution.findings_base import (  # noqa: F401  (re-exported: the app and
     ShouldStop,
     batch_size,
     batches,
-    capture,
     cfg_of,
     check_tokens,
     heldout_tokens,
-    json_safe,
     next_token_stats,
     sub_progress,
 )
+from attribution.patching import capture
+from attribution.report import jsonable
 
 # ----------------------------------------------------------------------------- confidence neurons
 
@@ -425,7 +425,7 @@ def compare_findings(ln_bridge, lnfree_bridge, tokens_ln: torch.Tensor, tokens_l
     if ln_bridge.cfg.d_mlp != lnfree_bridge.cfg.d_mlp or ln_bridge.cfg.n_layers != lnfree_bridge.cfg.n_layers:
         raise FindingsInputError("The two models have different shapes; compare a model with its LN-free twin.")
     neurons = [c["neuron"] for c in confidence_neurons(ln_bridge, k)]
-    return json_safe({
+    return jsonable({
         "settings": {"k": k, "threshold": threshold, "n_bins": n_bins, "ablated_neurons": neurons,
                      "ablated_layer": ln_bridge.cfg.n_layers - 1, "neurons_from": "ln"},
         "ln": findings(ln_bridge, tokens_ln, neurons, k, threshold, n_bins, sub_progress(progress, 0, 0.5, "LN: "),

@@ -6,7 +6,6 @@ returns True ends the loop with AnalysisCancelled.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,20 +90,6 @@ def sub_progress(progress: Progress, lo: float, hi: float, prefix: str = "") -> 
     return lambda f, text: progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), prefix + text)
 
 
-def capture(bridge, tokens: torch.Tensor, names: list[str], hooks: list | None = None):
-    """Logits and the named activations of one forward pass (plus extra fwd hooks)."""
-    acts: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str):
-        def keep(x, hook):
-            acts[name] = x.detach()  # hook.name may be an alias of `name`
-            return x
-        return keep
-
-    logits = bridge.run_with_hooks(tokens, fwd_hooks=[(n, keeper(n)) for n in names] + (hooks or []))
-    return logits, acts
-
-
 def next_token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position CE, entropy, top-1 confidence and correctness for predictions 0..T-2: each [B, T-1]."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -150,14 +135,3 @@ def heldout_tokens(tokenizer, n_ctx: int, n_seq: int, source: str = "demo") -> t
         raise FindingsInputError(
             f"The held-out text gives only {chunks.shape[0]} sequences of {n_ctx} tokens; lower n_seq.")
     return chunks[torch.linspace(0, chunks.shape[0] - 1, n_seq).round().long()]
-
-
-def json_safe(obj):
-    """`obj` with every non-finite float replaced by None (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

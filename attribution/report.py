@@ -74,10 +74,10 @@ class ModelResults:
     counterfactual: str = ""
 
     def to_dict(self) -> dict:
-        out = {k: _jsonable(v) for k, v in asdict(self).items()}
+        out = {k: jsonable(v) for k, v in asdict(self).items()}
         for method in ("atp", "atpstar"):
             for key in ("pearson", "spearman", "topk_recall", "mae"):
-                out[f"{method}_{key}"] = _jsonable(self.agreement.get(method, {}).get(key, math.nan))
+                out[f"{method}_{key}"] = jsonable(self.agreement.get(method, {}).get(key, math.nan))
         return out
 
 
@@ -91,13 +91,14 @@ class PairResults:
         return {"ln": self.ln.to_dict(), "lnfree": self.lnfree.to_dict(), "settings": asdict(self.settings)}
 
 
-def _jsonable(v):
+def jsonable(v):
+    """`v` with numpy arrays as lists and every non-finite float as None (strict JSON has no NaN)."""
     if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
+        return jsonable(v.tolist())
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, float | np.floating):
         return None if not math.isfinite(float(v)) else float(v)
     return v
