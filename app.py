@@ -20,7 +20,7 @@ import torch
 
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
 from attribution import export as exporting
-from attribution.findings import AnalysisCancelled, compare_findings, heldout_tokens, summary_table
+from attribution.findings import compare_findings, heldout_tokens, summary_table
 from attribution.findings_plots import FINDINGS_FIGURES
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
@@ -246,11 +246,8 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
     if st.session_state.get("findings_for") != (ln_spec, lnfree_spec, dtype, device, n_seq):
         return
     bar = st.progress(0.0, text="Analysing held-out text...")
-    try:
+    try:  # Cancel works through Streamlit: its click's rerun stops this script mid-analysis
         result = get_findings(ln_spec, lnfree_spec, dtype, device, n_seq, progress_to(bar))
-    except AnalysisCancelled:
-        st.warning("Cancelled.")
-        return
     finally:
         bar.empty()
     table = pd.DataFrame(summary_table(result))

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from attribution import Settings, analyse, tasks
+from attribution.report import attention_pattern
 from models import load_bridge
 
 IOI = Settings(task="custom", prompt="When Mary and John went to the store, John gave a drink to",
@@ -45,3 +46,13 @@ def test_headline_numbers_match_transformers(which, request):
         lens = [hf.lm_head(hf.transformer.ln_f(s))[0, -1] for s in streams]
     assert res.logit_lens.tolist() == pytest.approx([(x[a] - x[c]).item() for x in lens], abs=1e-4)
     assert res.logit_lens[-1] == pytest.approx(res.metric_clean, abs=1e-4)
+    # The attention pattern panel: every head of every layer against transformers' own attentions.
+    with torch.no_grad():
+        attentions = hf(task.clean[:1], output_attentions=True).attentions
+    for layer in range(bridge.cfg.n_layers):
+        for head in range(bridge.cfg.n_heads):
+            pattern, strs = attention_pattern(bridge, IOI, layer, head)
+            want = attentions[layer][0, head]
+            assert pattern.shape == tuple(want.shape)
+            assert pattern.ravel().tolist() == pytest.approx(want.flatten().tolist(), abs=1e-5)
+    assert len(strs) == task.clean.shape[1]
