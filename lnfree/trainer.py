@@ -183,7 +183,8 @@ class Run:
 
     def train_step(self, step: int) -> dict:
         micro, seqs = self.r.micro_batch, self.r.seqs_per_step
-        ce_sum, aux_sum, loss_sum = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        # Sums stay on the device: a .cpu() per micro-batch would stall the GPU queue each time.
+        ce_sum, aux_sum, loss_sum = (torch.zeros((), device=self.acc.device) for _ in range(3))
         for k in range(self.accum_local):
             ids = self.data.batch(step, micro, seqs, self.acc.process_index * self.accum_local + k)
             ids = ids.to(self.acc.device)
@@ -195,16 +196,17 @@ class Run:
                 if self.use_aux:
                     aux = aux_loss(self.fakes_final().last_input_std, ids, self.eot)
                     loss = ce + self.r.aux_lambda * aux
-                    aux_sum += aux.detach().float().cpu()
+                    aux_sum += aux.detach().float()
                 if self.cfg.debug_nan_step == step and not self.nan_injected:
                     self.nan_injected = True
                     loss = loss * float("nan")
                 self.acc.backward(loss / self.accum_local)
-            ce_sum += ce.detach().float().cpu()
-            loss_sum += loss.detach().float().cpu()
+            ce_sum += ce.detach().float()
+            loss_sum += loss.detach().float()
         stats = torch.stack([ce_sum, aux_sum, loss_sum]) / self.accum_local
         if self.world > 1:
-            stats = self.acc.reduce(stats.to(self.acc.device), "mean").cpu()
+            stats = self.acc.reduce(stats, "mean")
+        stats = stats.cpu()
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
         ce, aux, loss = stats.tolist()
         return {"ce": ce, "aux": aux, "loss": loss, "grad_norm": float(gnorm)}
@@ -381,7 +383,7 @@ def finish(run: Run, initial_ce: float | None) -> dict:
         from models import load_hf
 
         loaded, _, info = load_hf(str(out))
-        final_ce = heldout_ce(loaded, run.held)
+        final_ce = heldout_ce(loaded.to(acc.device), run.held)  # on the training device, like the initial CE
         sigmas = {n: float(f.sigma) for n, f in fakes.items()}
         summary = report.build_run_json(cfg, run, initial_ce, final_ce, diff, sigmas, info,
                                         run.wall_before + time.time() - run.t0)
