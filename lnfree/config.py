@@ -7,7 +7,7 @@ the trainer share the same classes.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lnfree.recipes import Recipe
@@ -45,7 +45,6 @@ class RunConfig:
     log_with: str | None = None
     keep_checkpoints: bool = False
     debug_nan_step: int | None = None  # fault injection for tests: a NaN loss at this step, once
-    extra: dict = field(default_factory=dict)
 
     @property
     def recipe_obj(self) -> Recipe:

@@ -30,12 +30,12 @@ class MemoryEstimate:
 
 
 def estimate_memory(shape: Shape, recipe: Recipe, mixed_precision: str = "no", world: int = 1,
-                    fsdp: bool = False, grad_ckpt: bool = False, attn: str = "sdpa") -> MemoryEstimate:
+                    fsdp: bool = False, grad_ckpt: bool = False) -> MemoryEstimate:
     p = shape.params
     act_bytes = 1 if mixed_precision == "bf16" else 2  # multiplier on the 16-bit byte counts
     states = 16 * p / (world if fsdp else 1) + (2 * p if mixed_precision == "bf16" else 0)
-    s, b, h, a, L = min(recipe.n_ctx, shape.n_ctx), recipe.micro_batch, shape.n_embd, shape.n_head, shape.n_layer
-    layer = s * b * h * 38 * act_bytes + (9 * a * s * s * b if attn == "eager" else 0)
+    s, b, h, L = min(recipe.n_ctx, shape.n_ctx), recipe.micro_batch, shape.n_embd, shape.n_layer
+    layer = s * b * h * 38 * act_bytes  # SDPA: no [heads, s, s] attention matrices are kept
     acts = L * 2 * s * b * h * act_bytes + layer if grad_ckpt else L * layer
     logits = 14 * b * s * shape.vocab
     return MemoryEstimate(states, acts, logits, 1.1 * (states + acts + logits))
