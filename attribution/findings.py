@@ -165,10 +165,10 @@ def ablate_neurons(bridge, tokens: torch.Tensor, neurons: list[int], progress: P
                                   should_stop, f"ablation: neurons {group}"):
                 add(i, bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, ablate)]), batch)
 
-    def run_ablated(group: list[int], i: int) -> dict[str, float]:
+    def means_of(i: int) -> dict[str, float]:  # pass i's mean CE and entropy
         return {"ce": sums[i][0] / n_pos, "entropy": sums[i][1] / n_pos}
 
-    after = run_ablated(neurons, 0)
+    after = means_of(0)
     out = {"layer": layer, "neurons": neurons, "mean_activation": [float(m) for m in means],
            "ce_before": before["ce"], "ce_after": after["ce"],
            "entropy_before": before["entropy"], "entropy_after": after["entropy"],
@@ -176,7 +176,7 @@ def ablate_neurons(bridge, tokens: torch.Tensor, neurons: list[int], progress: P
     if len(groups) > 1:
         out["per_neuron"] = []
         for i, group in enumerate(groups[1:], start=1):
-            r = run_ablated(group, i)
+            r = means_of(i)
             out["per_neuron"].append({"neuron": group[0], "delta_ce": r["ce"] - before["ce"],
                                       "delta_entropy": r["entropy"] - before["entropy"]})
     elif individually:
