@@ -56,7 +56,9 @@ class RunConfig:
             return self.data
         if self.dataset:
             return self.dataset
-        return "demo" if self.model in ("demo",) else "openwebtext"
+        from models.registry import is_demo
+
+        return "demo" if is_demo(self.model) else "openwebtext"
 
 
 def save_run_config(cfg: RunConfig) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lnfree.config import EXIT_DIVERGED, EXIT_USER, RUN_CONFIG, Diverged, RunConfig, UserError
 from lnfree.recipes import RECIPE_FIELDS, RECIPES, override, recipe_for_model, schedule
+from models.registry import shape_of
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,7 +73,8 @@ def config_from_args(args) -> RunConfig:
     if not args.dry_run and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already holds another run; pass --resume to continue it or choose another "
                         f"--output-dir.")
-    name = args.recipe or recipe_for_model(args.model, _n_layer_hint(args.model))
+    shape = shape_of(args.model)
+    name = args.recipe or recipe_for_model(args.model, shape.n_layer if shape else None)
     values = {k: getattr(args, f"r_{k}") for k in RECIPE_FIELDS}
     try:
         recipe = override(RECIPES[name], **values)
@@ -85,20 +87,6 @@ def config_from_args(args) -> RunConfig:
                     args.debug_nan_step)
     validate(cfg)
     return cfg
-
-
-def _n_layer_hint(spec: str) -> int | None:
-    from models.registry import GPT2_SHAPES
-
-    if spec in GPT2_SHAPES:
-        return GPT2_SHAPES[spec].n_layer
-    cfg = Path(spec) / "config.json"
-    if cfg.exists():
-        try:
-            return json.loads(cfg.read_text()).get("n_layer")
-        except json.JSONDecodeError:
-            return None
-    return None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -123,17 +111,16 @@ def validate(cfg: RunConfig) -> None:
 
 def dry_run(cfg: RunConfig, world: int) -> str:
     from lnfree.plan import estimate_memory, format_plan
-    from models.registry import GPT2_SHAPES, Shape
+    from models.registry import HUB_MODELS, Shape
 
     r = cfg.recipe_obj
-    if cfg.model in GPT2_SHAPES:
-        shape = GPT2_SHAPES[cfg.model]
+    if cfg.model in HUB_MODELS:  # known shape: no download for a plan
+        shape = HUB_MODELS[cfg.model]
     else:
         from models import resolve
         from models.loading import read_config
 
-        c = read_config(resolve(cfg.model), cfg.model)
-        shape = Shape(c["n_layer"], c["n_embd"], c["n_head"], c.get("n_positions", 1024), c["vocab_size"])
+        shape = Shape.from_config(read_config(resolve(cfg.model), cfg.model))
     sched = schedule(r, shape.n_layer, cfg.max_steps)
     mem = estimate_memory(shape, r, cfg.mixed_precision, world, cfg.fsdp, cfg.gradient_checkpointing)
     return format_plan(cfg.model, shape, r, cfg.max_steps, sched, mem, world, cfg.mixed_precision, cfg.fsdp,

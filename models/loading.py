@@ -119,8 +119,7 @@ def read_config(path: Path, spec: str) -> dict:
 
 def estimate_bytes(cfg: dict, dtype: torch.dtype) -> int:
     """Memory to hold the model for analysis: weights times a fixed overhead factor."""
-    shape = registry.Shape(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg.get("n_positions", 1024),
-                           cfg["vocab_size"])
+    shape = registry.Shape.from_config(cfg)
     return int(shape.params * torch.finfo(dtype).bits // 8 * MEMORY_OVERHEAD)
 
 

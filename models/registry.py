@@ -6,6 +6,7 @@ Shapes of hub models are listed so that memory estimates (and `lnfree.remove
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,11 @@ class Shape:
     n_head: int
     n_ctx: int = 1024
     vocab: int = 50257
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Shape:
+        """The shape of a GPT-2 `config.json` (as a dict)."""
+        return cls(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg.get("n_positions", 1024), cfg["vocab_size"])
 
     @property
     def params(self) -> int:
@@ -60,6 +66,28 @@ for _base, _twin in PAIRS.items():
         HUB_MODELS[VANILLA[_base]] = GPT2_SHAPES[_base]
 for _twin, _base in EXTRA_LNFREE.items():
     HUB_MODELS[_twin] = GPT2_SHAPES[_base]
+
+
+def shape_of(spec: str) -> Shape | None:
+    """The shape of a hub model (without downloading it) or of a local directory's config.json;
+    None when neither is at hand."""
+    if spec in HUB_MODELS:
+        return HUB_MODELS[spec]
+    path = DEMO_DIRS.get(spec, Path(spec).expanduser()) / "config.json"
+    try:
+        return Shape.from_config(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_demo(spec: str) -> bool:
+    """Whether `spec` names the demo model, by name or by its directory."""
+    if spec == "demo":
+        return True
+    try:
+        return Path(spec).expanduser().resolve() == DEMO_DIRS["demo"].resolve()
+    except OSError:
+        return False
 
 
 def base_of(spec: str) -> str | None:

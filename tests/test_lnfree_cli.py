@@ -185,6 +185,17 @@ def test_dry_run_plans_gpt2_xl_without_weights():
     assert 35 < gib < 80
 
 
+def test_dry_run_knows_released_shapes_and_the_demo_by_path(tmp_path):
+    """An LN-free hub release plans from its known shape (no download); models/demo by path is the demo."""
+    out = remove("--model", "schaeff/gpt2-small_LNFree300", "--output-dir", tmp_path / "a", "--dry-run").stdout
+    assert "12 layers" in out
+    from lnfree.config import RunConfig
+    from models.registry import MODELS_DIR
+
+    assert RunConfig(str(MODELS_DIR / "demo"), str(tmp_path / "b"), {}, 1).source == "demo"
+    assert RunConfig("gpt2", str(tmp_path / "c"), {}, 1).source == "openwebtext"
+
+
 def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):
     assert_user_error(remove("--model", "no-such-model", "--output-dir", tmp_path / "a", check=False),
                       "Unknown model")

@@ -143,6 +143,17 @@ def test_shape_params_match_real_model():
     assert registry.GPT2_SHAPES["gpt2"].params == 124_439_808
 
 
+def test_shape_of_hub_local_and_demo(tiny_ln_dir):
+    assert registry.shape_of("schaeff/gpt2-medium_LNFree500") == registry.GPT2_SHAPES["gpt2-medium"]
+    cfg = GPT2LMHeadModel.from_pretrained(tiny_ln_dir).config
+    assert registry.shape_of(str(tiny_ln_dir)) == registry.Shape(cfg.n_layer, cfg.n_embd, cfg.n_head,
+                                                                 cfg.n_positions, cfg.vocab_size)
+    assert registry.shape_of("demo").n_layer == 4
+    assert registry.shape_of("no-such-model") is None
+    assert registry.is_demo("demo") and registry.is_demo(str(registry.MODELS_DIR / "demo") + "/")
+    assert not registry.is_demo("demo-lnfree") and not registry.is_demo(str(tiny_ln_dir))
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
