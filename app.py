@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 import zipfile
 from collections import OrderedDict
 from functools import partial
@@ -20,7 +21,7 @@ import torch
 
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
 from attribution import export as exporting
-from attribution.findings import compare_findings, heldout_tokens, summary_table
+from attribution.findings import pair_findings, summary_table
 from attribution.findings_plots import FINDINGS_FIGURES
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
@@ -46,19 +47,28 @@ def get_model(spec: str, dtype: str, device: str):
 
 
 class LRU(OrderedDict):
-    """Results kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)"""
+    """Results kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)
+
+    Shared by every browser session (each runs in its own thread), so the dict is only touched
+    under a lock; the computation itself runs outside it, so one session's analysis never blocks
+    another's cached lookups.
+    """
 
     def __init__(self, size: int):
         super().__init__()
         self.size = size
+        self.lock = threading.Lock()
 
     def get_or_compute(self, key, compute):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = compute()
-        while len(self) > self.size:
-            self.popitem(last=False)
+        with self.lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = compute()
+        with self.lock:
+            self[key] = value
+            while len(self) > self.size:
+                self.popitem(last=False)
         return value
 
 
@@ -86,10 +96,9 @@ def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int,
 
 def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq: int, progress) -> dict:
     def compute():
-        ln, _ = get_model(ln_spec, dtype, device)
-        lf, _ = get_model(lnfree_spec, dtype, device)
-        tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, n_seq) for b in (ln, lf)]
-        return compare_findings(ln, lf, *tokens, progress=progress)
+        ln, ln_info = get_model(ln_spec, dtype, device)
+        lf, lf_info = get_model(lnfree_spec, dtype, device)
+        return pair_findings(ln, ln_info, lf, lf_info, n_seq, progress=progress)
 
     return result_store()["findings"].get_or_compute((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -435,6 +436,27 @@ def compare_findings(ln_bridge, lnfree_bridge, tokens_ln: torch.Tensor, tokens_l
     })
 
 
+
+def pair_findings(ln_bridge, ln_info, lnfree_bridge, lnfree_info, n_seq: int, seq_len: int | None = None,
+                  source: str = "demo", progress: Progress = None, should_stop: ShouldStop = None,
+                  k: int = 5, threshold: float = 0.3, n_bins: int = 15) -> dict:
+    """compare_findings on `n_seq` held-out sequences of `seq_len` tokens (default: each model's n_ctx),
+    with the models and every setting recorded in the result (what the app and the CLI both export)."""
+    tokens = []
+    for bridge in (ln_bridge, lnfree_bridge):
+        n_ctx = bridge.cfg.n_ctx
+        if seq_len is not None and seq_len > n_ctx:
+            raise FindingsInputError(f"A sequence length of {seq_len} exceeds the model's context of {n_ctx}; "
+                                     f"lower it.")
+        tokens.append(heldout_tokens(bridge.tokenizer, seq_len or n_ctx, n_seq, source))
+    start = time.time()
+    result = compare_findings(ln_bridge, lnfree_bridge, tokens[0], tokens[1], progress, should_stop, k=k,
+                              threshold=threshold, n_bins=n_bins)
+    result["models"] = {"ln": ln_info.spec, "lnfree": lnfree_info.spec, "lnfree_is_ln_free": lnfree_info.ln_free,
+                        "ln_is_ln_free": ln_info.ln_free}
+    result["settings"].update({"n_seq": n_seq, "seq_len": int(tokens[0].shape[1]), "source": source,
+                               "seconds": round(time.time() - start, 1)})
+    return result
 
 
 # (metric, unit, how to read it from one model's findings, the paper's LN -> LN-free value)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -55,33 +54,23 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from attribution.findings import compare_findings, heldout_tokens
+    from attribution.findings import pair_findings
     from models import load_bridge
 
     ln, ln_info = load_bridge(args.ln, args.dtype, args.device)
     lf, lf_info = load_bridge(args.lnfree, args.dtype, args.device)
-    tokens = []
-    for bridge in (ln, lf):
-        n_ctx = bridge.cfg.n_ctx
-        seq_len = args.seq_len or n_ctx
-        if seq_len > n_ctx:
-            from attribution.findings import FindingsInputError
-            raise FindingsInputError(f"--seq-len {seq_len} exceeds the model's context of {n_ctx}; lower it.")
-        tokens.append(heldout_tokens(bridge.tokenizer, seq_len, args.n_seq, args.source))
-    bar = tqdm(total=1000, desc="findings", unit="‰", file=sys.stderr)
+    bars = []  # created on the first progress call, so that an input error prints alone
 
     def progress(f: float, text: str) -> None:
-        bar.set_postfix_str(text, refresh=False)
-        bar.update(max(0, int(f * 1000) - bar.n))
+        if not bars:
+            bars.append(tqdm(total=1000, desc="findings", unit="‰", file=sys.stderr))
+        bars[0].set_postfix_str(text, refresh=False)
+        bars[0].update(max(0, int(f * 1000) - bars[0].n))
 
-    start = time.time()
-    result = compare_findings(ln, lf, tokens[0], tokens[1], progress, k=args.k, threshold=args.threshold,
-                              n_bins=args.bins)
-    bar.close()
-    result["models"] = {"ln": ln_info.spec, "lnfree": lf_info.spec, "lnfree_is_ln_free": lf_info.ln_free,
-                        "ln_is_ln_free": ln_info.ln_free}
-    result["settings"].update({"n_seq": args.n_seq, "seq_len": int(tokens[0].shape[1]), "source": args.source,
-                               "seconds": round(time.time() - start, 1)})
+    result = pair_findings(ln, ln_info, lf, lf_info, args.n_seq, args.seq_len, args.source, progress, k=args.k,
+                           threshold=args.threshold, n_bins=args.bins)
+    for bar in bars:
+        bar.close()
     return result
 
 

@@ -438,6 +438,9 @@ def test_cli_writes_json_and_figures(tiny_ln_dir, tiny_lnfree_dir, tmp_path, cap
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["settings"]["n_seq"] == 2 and result["settings"]["seq_len"] == 16
+    assert result["settings"]["source"] == "demo"
+    assert result["models"] == {"ln": str(tiny_ln_dir), "lnfree": str(tiny_lnfree_dir), "lnfree_is_ln_free": True,
+                                "ln_is_ln_free": False}
     assert result["lnfree"]["dla_error"]["nmae"] < 1e-5
     assert "DLA error (NMAE over heads)" in capsys.readouterr().out
     for name in FINDINGS_FIGURES:
