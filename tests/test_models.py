@@ -295,3 +295,20 @@ def test_induction_losses_match_their_definition():
 def test_inspect_cli_demo():
     out = json.loads(run_inspect("demo").stdout)
     assert out["spec"] == "demo" and out["n_layers"] == 4 and out["ln_free"] is False
+
+
+def test_induction_toy_probe_and_run():
+    from models import induction_toy
+    from models.corpus import repeated_spans
+
+    vocab, length = 100_000, 13
+    first, second = induction_toy.copy_losses(lambda ids: Copier(vocab)(ids).logits, vocab, length, n_seq=4)
+    spans = repeated_spans(4, 2 * length + 1, vocab, induction_toy.EOT, torch.Generator().manual_seed(1),
+                           (length, length))
+    assert all(len(set(r[1 : 1 + length].tolist())) == length for r in spans)  # this seed: no repeats
+    assert first == pytest.approx(math.log(vocab), abs=1e-4)
+    assert second == pytest.approx(math.log(1 + (vocab - 1) * math.exp(-30)), abs=1e-6)
+    log = induction_toy.main(["--vocab", "16", "--steps", "2", "--batch-size", "2", "--layer-norm", "--tied",
+                              "--mlp", "--embed-std", "1", "--final-ln-gain", "0.004", "--threads", "1"])
+    assert [r["step"] for r in log] == [2]
+    assert all(math.isfinite(log[0][k]) for k in ("loss", "first_13", "second_13", "first_30", "second_30"))
