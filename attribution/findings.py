@@ -436,7 +436,6 @@ def compare_findings(ln_bridge, lnfree_bridge, tokens_ln: torch.Tensor, tokens_l
     })
 
 
-
 def pair_findings(ln_bridge, ln_info, lnfree_bridge, lnfree_info, n_seq: int, seq_len: int | None = None,
                   source: str = "demo", progress: Progress = None, should_stop: ShouldStop = None,
                   k: int = 5, threshold: float = 0.3, n_bins: int = 15) -> dict:

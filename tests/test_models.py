@@ -310,5 +310,8 @@ def test_induction_toy_probe_and_run():
     assert second == pytest.approx(math.log(1 + (vocab - 1) * math.exp(-30)), abs=1e-6)
     log = induction_toy.main(["--vocab", "16", "--steps", "2", "--batch-size", "2", "--layer-norm", "--tied",
                               "--mlp", "--embed-std", "1", "--final-ln-gain", "0.004", "--threads", "1"])
-    assert [r["step"] for r in log] == [2]
-    assert all(math.isfinite(log[0][k]) for k in ("loss", "first_13", "second_13", "first_30", "second_30"))
+    gpt = induction_toy.main(["--gpt2", "--vocab", "16", "--steps", "2", "--batch-size", "2", "--embed-std", "1",
+                              "--final-ln-gain", "0.004", "--threads", "1"])
+    for run in (log, gpt):
+        assert [r["step"] for r in run] == [2]
+        assert all(math.isfinite(run[0][k]) for k in ("loss", "first_13", "second_13", "first_30", "second_30"))
