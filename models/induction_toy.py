@@ -23,15 +23,19 @@ second-copy loss on the 13-token probe (first copy and uniform: ~4.2-4.4 at
   1.1 by step 100, 0.39 at step 600 (0.60 at step 300 with `--layers 4`, 0.77 with `--mlp`,
   0.56 with `--beta2 0.95`);
 - the same with `--vocab 8192 --span-vocab 64` (spans from 64 tokens, an 8,192-way output):
-  flat at 4.16 for 300 steps.  With spans over all 8,192 tokens it moves slowly (second
-  copy 7.6 vs first 10.0 on the 30-token probe after 375 steps); at `--vocab 2048`, second
-  copy 7.0 vs first 7.9 (uniform 7.6) on the 13-token probe at step 300.  `--freeze-embed` (random
+  flat at 4.16 for 300 steps.  With spans over all 8,192 tokens (`--vocab 8192 --threads 2`)
+  it is slow but gets there: second copy 8.4 at step 300, 5.1 at 1,175, 0.91 at 2,400 (first
+  copy 9.5; 18 min); on the 30-token probe 5.9 vs 10.7.  At `--vocab 2048`, second copy 7.0
+  vs first 7.9 (uniform 7.6) at step 300.  `--freeze-embed` (random
   embeddings kept) at `--vocab 8192 --span-vocab 64`: not even the 64-token unigram (6.8) by step 200.
 - `--gpt2 --vocab 8192 --embed-std 1 --final-ln-gain 0.004 --beta2 0.95` (the demo's own
   architecture): 9.0 on both copies for 2,675 steps (40 min; run with an equivalent script).
-So two things slow induction down here: LayerNorm with GPT-2's small (0.02)
-embedding initialisation (large embeddings plus a small final-LN gain undo it),
-and above all a large output vocabulary, which the demo (8,192 tokens) has.
+So three things slow induction down here: LayerNorm with GPT-2's small (0.02)
+embedding initialisation (large embeddings plus a small final-LN gain undo it), a
+large output vocabulary, which the demo (8,192 tokens) has, and something in the
+demo's GPT-2 beyond the toy (4 layers, MLPs, or its initialisation of them): the
+toy forms induction at 8,192 tokens in 2,400 steps, the demo's architecture did
+not in 2,675.  Bisecting that (`--layers 4`, `--mlp` at `--vocab 8192`) is next.
 """
 
 from __future__ import annotations
