@@ -23,7 +23,7 @@ from lnfree.data import DataError, documents, tokenize_chunks
 from lnfree.remove import EXIT_USER, OneLineParser
 from models import ModelSpecError, load_hf
 from models.quality import induction_losses, token_losses
-from models.registry import DEMO_DIRS
+from models.registry import demo_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_source(infos) -> str:
-    demo = all(i.spec in DEMO_DIRS or i.base in DEMO_DIRS for i in infos)
+    demo = all(demo_name(i.spec) or demo_name(i.base) for i in infos)
     return "demo" if demo else "openwebtext"
 
 

@@ -80,14 +80,22 @@ def shape_of(spec: str) -> Shape | None:
         return None
 
 
-def is_demo(spec: str) -> bool:
-    """Whether `spec` names the demo model, by name or by its directory."""
-    if spec == "demo":
-        return True
+def demo_name(spec: str | None) -> str | None:
+    """`demo` or `demo-lnfree` when `spec` names one of them, by name or by its directory; else None."""
+    if not spec:
+        return None
+    if spec in DEMO_DIRS:
+        return spec
     try:
-        return Path(spec).expanduser().resolve() == DEMO_DIRS["demo"].resolve()
+        path = Path(spec).expanduser().resolve()
     except OSError:
-        return False
+        return None
+    return next((name for name, d in DEMO_DIRS.items() if path == d.resolve()), None)
+
+
+def is_demo(spec: str) -> bool:
+    """Whether `spec` names the demo model (not its LN-free twin), by name or by its directory."""
+    return demo_name(spec) == "demo"
 
 
 def base_of(spec: str) -> str | None:

@@ -194,6 +194,14 @@ def test_dry_run_knows_released_shapes_and_the_demo_by_path(tmp_path):
 
     assert RunConfig(str(MODELS_DIR / "demo"), str(tmp_path / "b"), {}, 1).source == "demo"
     assert RunConfig("gpt2", str(tmp_path / "c"), {}, 1).source == "openwebtext"
+    # lnfree.evaluate's default data: the demo corpus when every model is a demo model, by name or path.
+    from types import SimpleNamespace as NS
+
+    from lnfree.evaluate import default_source
+
+    assert default_source([NS(spec=str(MODELS_DIR / "demo"), base=None),
+                           NS(spec="/tmp/twin", base="demo")]) == "demo"
+    assert default_source([NS(spec=str(MODELS_DIR / "demo"), base=None), NS(spec="gpt2", base=None)]) == "openwebtext"
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):

@@ -152,6 +152,8 @@ def test_shape_of_hub_local_and_demo(tiny_ln_dir):
     assert registry.shape_of("no-such-model") is None
     assert registry.is_demo("demo") and registry.is_demo(str(registry.MODELS_DIR / "demo") + "/")
     assert not registry.is_demo("demo-lnfree") and not registry.is_demo(str(tiny_ln_dir))
+    assert registry.demo_name(str(registry.MODELS_DIR / "demo-lnfree")) == "demo-lnfree"
+    assert registry.demo_name(str(tiny_ln_dir)) is None and registry.demo_name(None) is None
 
 
 @pytest.mark.parametrize(
