@@ -61,11 +61,12 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
     rows = []
     for (model, _, info) in loaded:
         losses = token_losses(model, chunks, batch_size).flatten()
-        induction = induction_losses(model, len(tok), bos_id=tok.bos_token_id,
-                                     length=min(50, (model.config.n_positions - 1) // 2))
+        length = min(50, (model.config.n_positions - 1) // 2)
+        induction = induction_losses(model, len(tok), bos_id=tok.bos_token_id, length=length)
         rows.append({"spec": info.spec, "ln_free": info.ln_free, "ce_mean": losses.mean().item(),
                      "ce_median": losses.median().item(), "tokens": int(losses.numel()),
-                     "induction_first": induction["first_copy"], "induction_second": induction["second_copy"]})
+                     "induction_first": induction["first_copy"], "induction_second": induction["second_copy"],
+                     "induction_length": length})
     return {"data": source, "n_ctx": ctx, "models": rows}
 
 

@@ -120,6 +120,7 @@ def twin_card(run: dict, control: dict | None, evaluation: dict | None, commands
         table = "\n".join(f"| `{r['spec']}` | {'yes' if r['ln_free'] else 'no'} | {r['ce_mean']:.4f} "
                           f"(+{r['ce_mean'] - best:.4f}) | {r['ce_median']:.4f} | "
                           f"{r['induction_first']:.2f} -> {r['induction_second']:.2f} |" for r in rows)
+        lengths = " / ".join(sorted({str(r["induction_length"]) for r in rows}, key=int))
         card += f"""
 ## Three-way comparison (`python -m lnfree.evaluate`, {rows[0]['tokens']:,} tokens of {evaluation['data']})
 
@@ -128,7 +129,7 @@ def twin_card(run: dict, control: dict | None, evaluation: dict | None, commands
 {table}
 
 Induction: mean loss on the first and the second copy of 64 repeated random-token
-sequences (50 tokens each); a second copy far below the first means induction heads.
+sequences ({lengths} tokens each); a second copy far below the first means induction heads.
 """
     if control:
         gap = run["heldout_ce_final"] - control["heldout_ce_final"]

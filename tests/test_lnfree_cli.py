@@ -172,7 +172,16 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
         ind = induction_losses(model, len(tok), bos_id=tok.bos_token_id, length=31)  # n_ctx 64
         assert (row["induction_first"], row["induction_second"]) == pytest.approx(
             (ind["first_copy"], ind["second_copy"]), abs=1e-4)
+        assert row["induction_length"] == 31
     assert result["models"][1]["ln_free"] and not result["models"][0]["ln_free"]
+    # The twin card's comparison table shows these numbers, and the length they were measured at.
+    from lnfree.report import twin_card
+
+    card = twin_card(json.loads((baseline / "run.json").read_text()), None, result, [])
+    for row in result["models"]:
+        assert f"| `{row['spec']}` | {'yes' if row['ln_free'] else 'no'} | {row['ce_mean']:.4f} " in card
+        assert f"{row['induction_first']:.2f} -> {row['induction_second']:.2f} |" in card
+    assert "(31 tokens each)" in card
 
 
 def test_dry_run_plans_gpt2_xl_without_weights():
