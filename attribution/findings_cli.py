@@ -3,7 +3,7 @@
     python -m attribution.findings_cli --ln demo --lnfree demo-lnfree --n-seq 64 \\
         --out findings.json --figures findings_figures/
 
-Runs attribution.findings.compare_findings on held-out text and writes the
+Runs attribution.findings.pair_findings on held-out text and writes the
 numbers as JSON (and each figure as self-contained HTML into --figures).
 A mistake in the arguments ends with one line on stderr and exit code 2.
 """
