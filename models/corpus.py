@@ -47,3 +47,16 @@ def repeated_spans(n: int, n_ctx: int, vocab_size: int, eot_id: int, gen: torch.
         body = span.repeat(-(-(n_ctx - 1) // length))[: n_ctx - 1]
         rows.append(torch.cat([torch.tensor([eot_id]), body])[None])
     return torch.cat(rows)
+
+
+def induction_targets(ids: torch.Tensor) -> torch.Tensor:
+    """[n, n_ctx - 1] bool: which next-token targets of repeated-span rows (`repeated_spans`) induction
+    can predict: all from the second token of the second copy on.  The first copy is random, and the
+    first token of the second copy follows a token seen only once.  A row's span length is its
+    shortest period (a span that repeats within itself is predictable from its own repeat)."""
+    body = ids[:, 1:]
+    mask = torch.zeros_like(body, dtype=torch.bool)
+    for r, row in enumerate(body):
+        length = next(n for n in range(1, len(row) + 1) if torch.equal(row[n:], row[: len(row) - n]))
+        mask[r, length + 1 :] = True
+    return mask

@@ -31,12 +31,22 @@ The runs below used an earlier probe (the same definition on other random spans)
   embeddings kept) at `--vocab 8192 --span-vocab 64`: not even the 64-token unigram (6.8) by step 200.
 - `--gpt2 --vocab 8192 --embed-std 1 --final-ln-gain 0.004 --beta2 0.95` (the demo's own
   architecture): 9.0 on both copies for 2,675 steps (40 min; run with an equivalent script).
-So three things slow induction down here: LayerNorm with GPT-2's small (0.02)
-embedding initialisation (large embeddings plus a small final-LN gain undo it), a
-large output vocabulary, which the demo (8,192 tokens) has, and something in the
-demo's GPT-2 beyond the toy (4 layers, MLPs, or its initialisation of them): the
-toy forms induction at 8,192 tokens in 2,400 steps, the demo's architecture did
-not in 2,675.  Bisecting that (`--layers 4`, `--mlp` at `--vocab 8192`) is next.
+What unblocked the demo's architecture (session 4, `--threads 1` with two runs side by side):
+- `--repeats-only` (train only on targets induction can predict; the first copy of each span is
+  random, and at 8,192 tokens its gradient is noise on embeddings that are each seen ~0.25 times per
+  batch).  `--gpt2 --vocab 8192 --embed-std 1 --final-ln-gain 0.004 --repeats-only`: second copy
+  8.99 vs first 10.37 at step 225 (30-token probe: 8.32 vs 10.30), where without it second minus
+  first never went below -0.03 in 2,675 steps.  (The first copy rises above uniform because it is
+  never trained.)  On the toy (`--layer-norm --tied --embed-std 1 --final-ln-gain 0.004 --vocab
+  8192`): second copy 6.1 at step 475, against 7.0 at step 600 without it.
+  `models.pretrain_demo --repeats-only` builds on this.
+- No help: `--embed-lr-scale 0.1` (7.3 at step 600, as without it), `--proj-std 0.02` on `--gpt2`
+  (transformers starts c_proj at 0.02 / sqrt(2 n_layer); the same curve for 225 steps), an untied
+  unembedding at 8,192 tokens (flat at 9.0 for 300 steps: each output row must be learnt).
+So the things in the way were LayerNorm with GPT-2's small (0.02) embedding initialisation (large
+embeddings plus a small final-LN gain undo it), a large output vocabulary (the demo has 8,192
+tokens), and, in the demo's deeper model with MLPs, the noise of training on the unpredictable
+first copy.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from models.corpus import repeated_spans
+from models.corpus import induction_targets, repeated_spans
 from models.quality import induction_losses
 
 EOT = 0
@@ -102,7 +112,7 @@ class Toy(nn.Module):
         return CausalLMOutput(logits=self.unembed(self.ln_f(x)))
 
 
-def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float):
+def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float, proj_std: float | None = None):
     """The demo's own architecture (models.pretrain_demo.demo_config: 4 layers with MLPs, LayerNorm,
     tied unembedding) with the toy's embedding and final-LN initialisation."""
     from transformers import GPT2LMHeadModel
@@ -114,6 +124,9 @@ def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float):
         model.transformer.wte.weight.normal_(std=embed_std)
         model.transformer.wpe.weight.normal_(std=embed_std)
         model.transformer.ln_f.weight.fill_(final_ln_gain)
+        for name, p in model.named_parameters():
+            if proj_std is not None and name.endswith("c_proj.weight"):  # HF: 0.02 / sqrt(2 n_layer)
+                p.normal_(std=proj_std)
     return model
 
 
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--gpt2", action="store_true",
                     help="the demo's GPT-2 (4 layers, MLPs, LN, tied) instead of the toy; keeps --embed-std and "
                          "--final-ln-gain, ignores the other shape flags")
+    ap.add_argument("--proj-std", type=float, default=None,
+                    help="with --gpt2: initial std of every c_proj weight (transformers: 0.02 / sqrt(2 n_layer))")
     ap.add_argument("--span-vocab", type=int, default=None, help="draw spans from the first N tokens only")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--layer-norm", action="store_true", help="GPT-2's pre-LNs and final LN")
@@ -132,7 +147,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--final-ln-gain", type=float, default=1.0, help="initial weight of the final LN")
     ap.add_argument("--freeze-embed", action="store_true", help="keep token and position embeddings at init")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--embed-lr-scale", type=float, default=1.0, help="learning rate of the token and position "
+                    "embeddings (and so of a tied unembedding), as a multiple of --lr")
     ap.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2 (the demo uses 0.95)")
+    ap.add_argument("--repeats-only", action="store_true",
+                    help="train only on the repeated copies (the first copy is unpredictable noise)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=64)
@@ -143,21 +162,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.gpt2:
-        model = demo_gpt2(args.vocab, args.n_ctx, args.embed_std, args.final_ln_gain)
+        model = demo_gpt2(args.vocab, args.n_ctx, args.embed_std, args.final_ln_gain, args.proj_std)
     else:
         model = Toy(args.vocab, args.n_ctx, n_layers=args.layers, layer_norm=args.layer_norm, tied=args.tied,
                     embed_std=args.embed_std, final_ln_gain=args.final_ln_gain, mlp=args.mlp)
+    embeds = [p for name, p in model.named_parameters() if name.split(".")[-2] in ("embed", "pos", "wte", "wpe")]
     if args.freeze_embed:
-        for name, p in model.named_parameters():
-            if name.split(".")[-2] in ("embed", "pos", "wte", "wpe"):
-                p.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, args.beta2))
+        for p in embeds:
+            p.requires_grad_(False)
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not e for e in embeds)]
+    groups = [{"params": rest}] + ([] if args.freeze_embed else [{"params": embeds, "lr": args.lr * args.embed_lr_scale}])
+    opt = torch.optim.Adam(groups, lr=args.lr, betas=(0.9, args.beta2))
     span_vocab = args.span_vocab or args.vocab
     gen, start, log = torch.Generator().manual_seed(args.seed), time.time(), []
     print(f"uniform loss over the span tokens: {math.log(span_vocab - 1):.2f}", flush=True)
     for step in range(1, args.steps + 1):
         ids = repeated_spans(args.batch_size, args.n_ctx, span_vocab, EOT, gen, lengths=(5, 25))
-        loss = F.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:])
+        targets = ids[:, 1:]
+        if args.repeats_only:
+            targets = targets.masked_fill(~induction_targets(ids), -100)
+        loss = F.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

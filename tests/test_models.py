@@ -260,6 +260,22 @@ def test_repeated_spans():
     assert repeated_spans(0, 64, 100, 5, gen).shape == (0, 64)
 
 
+def test_induction_targets_are_the_tokens_a_copier_can_predict():
+    """Against the definition: target j (token j+1) is predictable by induction iff the token before it
+    occurred earlier in the row and what followed that earlier occurrence is the target."""
+    from models.corpus import induction_targets, repeated_spans
+
+    rows = repeated_spans(16, 40, 50_000, eot_id=0, gen=torch.Generator().manual_seed(1), lengths=(3, 12))
+    mask = induction_targets(rows)
+    assert mask.shape == (16, 39) and mask.any(dim=1).all()
+    for row, m in zip(rows.tolist(), mask.tolist(), strict=True):
+        for j in range(len(row) - 1):
+            earlier = [i for i in range(1, j) if row[i] == row[j]]
+            assert m[j] == (bool(earlier) and row[earlier[-1] + 1] == row[j + 1]), (row, j)
+    # A span that repeats within itself is predictable from its own repeat: [7, 8, 7, 8] has period 2.
+    assert induction_targets(torch.tensor([[0, 7, 8, 7, 8, 7, 8]])).tolist() == [[False, False, False, True, True, True]]
+
+
 class Copier(torch.nn.Module):
     """A perfect induction "model": where the current token occurred before, predict the token that
     followed it (logit 30); elsewhere, uniform logits."""
@@ -307,10 +323,16 @@ def test_induction_toy_runs_and_probes_through_induction_losses():
     log = induction_toy.main(["--vocab", "16", "--steps", "2", "--batch-size", "2", "--layer-norm", "--tied",
                               "--mlp", "--embed-std", "1", "--final-ln-gain", "0.004", "--threads", "1"])
     gpt = induction_toy.main(["--gpt2", "--vocab", "16", "--steps", "2", "--batch-size", "2", "--embed-std", "1",
-                              "--final-ln-gain", "0.004", "--threads", "1"])
+                              "--final-ln-gain", "0.004", "--proj-std", "0.02", "--repeats-only",
+                              "--embed-lr-scale", "0.1", "--threads", "1"])
     for run in (log, gpt):
         assert [r["step"] for r in run] == [2]
         assert all(math.isfinite(run[0][k]) for k in ("loss", "first_13", "second_13", "first_30", "second_30"))
     toy = induction_toy.Toy(16, 64, layer_norm=True, tied=True)
     assert toy.unembed.weight is toy.embed.weight
     assert toy(torch.zeros(2, 5, dtype=torch.long)).logits.shape == (2, 5, 16)
+    gpt2 = induction_toy.demo_gpt2(512, 64, embed_std=1.0, final_ln_gain=0.004, proj_std=0.05)
+    assert gpt2.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert (gpt2.transformer.ln_f.weight == 0.004).all() and gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert gpt2.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    assert gpt2.transformer.h[3].mlp.c_proj.weight.std().item() == pytest.approx(0.05, rel=0.05)
