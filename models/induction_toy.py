@@ -2,9 +2,9 @@
 
     python -m models.induction_toy --vocab 64 --layer-norm --tied --embed-std 1 --final-ln-gain 0.004
 
-The demo model has no induction heads (see models.pretrain_demo), and every
-attempt to train them into the 4-layer GPT-2 took more CPU time than we had.
-This toy isolates the question in minutes: a 2-layer attention-only
+The shipped demo model has no induction heads (see models.pretrain_demo, which also
+has the recipe this toy led to, and why it is not shipped).  This toy isolates the
+question in minutes: a 2-layer attention-only
 transformer (d_model 256, 4 heads, learned positions), optionally with GPT-2's
 pre-LayerNorms and final LayerNorm and with a tied unembedding, trained with
 Adam on EOT + a random span of 5-25 tokens repeated to fill 64 tokens

@@ -245,6 +245,35 @@ def test_demo_model_size_and_quality():
     # The reported induction numbers are what the model does (it has no induction heads: README).
     ind = induction_losses(model, cfg.vocab_size, bos_id=eot)
     assert ind == pytest.approx(report["induction"], abs=1e-3)
+    # `python -m models.pretrain_demo` with no flags is what trained it (flags added since default to off).
+    from models.pretrain_demo import parser
+
+    defaults = json.loads(json.dumps(vars(parser().parse_args([])), default=str))
+    assert {k: v for k, v in report["train_args"].items() if k != "out"} == {
+        k: defaults[k] for k in report["train_args"] if k != "out"}
+
+
+def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
+    """The pretraining script as a process, on the real corpus with a tiny budget: span-only steps at a
+    constant learning rate, then text with span rows; the initialisation flags take effect."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "models.pretrain_demo", "--out", str(out), "--batch-size", "2", "--n-ctx", "128",
+           "--steps", "20", "--warmup", "5", "--induction-steps", "30", "--induction-ctx", "32",
+           "--induction-lengths", "3", "8", "--induction-lr", "3e-3", "--repeats-only", "--repeat-frac", "0.5",
+           "--repeat-lengths", "3", "20", "--embed-std", "1", "--final-ln-gain", "0.004"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lrs = {int(line.split()[1].split("/")[0]): float(line.split(" lr ")[1].split()[0])
+           for line in proc.stdout.splitlines() if line.startswith("step ") and " lr " in line}
+    assert lrs[20] == 3e-3 and lrs[40] < 1e-3  # constant during the span steps, then the text schedule
+    report = json.loads((out / "training.json").read_text())
+    assert report["train_args"]["induction_steps"] == 30 and report["tokens_seen"] == 30 * 2 * 32 + 20 * 2 * 128
+    assert report["text_tokens_seen"] == 20 * 1 * 128
+    (probe,) = report["induction_during_training"]
+    assert probe["step"] == 50 and set(probe["length_20"]) == {"first_copy", "second_copy"}
+    model, _, info = load_hf(str(out))
+    assert not info.ln_free and model.config.n_positions == 128
+    assert model.transformer.wte.weight.std() > 0.5 and model.transformer.ln_f.weight.mean() < 0.5
 
 
 def test_repeated_spans():
