@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "--final-ln-gain, ignores the other shape flags")
     ap.add_argument("--proj-std", type=float, default=None,
                     help="with --gpt2: initial std of every c_proj weight (transformers: 0.02 / sqrt(2 n_layer))")
+    ap.add_argument("--init-from", default=None, metavar="SPEC",
+                    help="start from a trained GPT-2 (e.g. demo) instead of a fresh model; --vocab must be its own")
     ap.add_argument("--span-vocab", type=int, default=None, help="draw spans from the first N tokens only")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--layer-norm", action="store_true", help="GPT-2's pre-LNs and final LN")
@@ -161,7 +163,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.gpt2:
+    if args.init_from:
+        from models import load_hf
+
+        model = load_hf(args.init_from)[0].train()
+        if model.config.vocab_size != args.vocab or model.config.bos_token_id != EOT:
+            ap.error(f"{args.init_from} has {model.config.vocab_size} tokens and EOT {model.config.bos_token_id}; "
+                     f"pass --vocab {model.config.vocab_size} (the toy's EOT is {EOT})")
+    elif args.gpt2:
         model = demo_gpt2(args.vocab, args.n_ctx, args.embed_std, args.final_ln_gain, args.proj_std)
     else:
         model = Toy(args.vocab, args.n_ctx, n_layers=args.layers, layer_norm=args.layer_norm, tied=args.tied,

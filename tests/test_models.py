@@ -274,6 +274,13 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     model, _, info = load_hf(str(out))
     assert not info.ln_free and model.config.n_positions == 128
     assert model.transformer.wte.weight.std() > 0.5 and model.transformer.ln_f.weight.mean() < 0.5
+    # --init-from continues from a model's weights: with no steps, the written model is that model.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(again), "--init-from", str(out),
+                           "--n-ctx", "128", "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copy = load_hf(str(again))[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
 
 
 def test_repeated_spans():
@@ -342,6 +349,18 @@ def test_induction_losses_match_their_definition():
 def test_inspect_cli_demo():
     out = json.loads(run_inspect("demo").stdout)
     assert out["spec"] == "demo" and out["n_layers"] == 4 and out["ln_free"] is False
+
+
+def test_induction_toy_starts_from_a_trained_checkpoint(tiny_ln_dir):
+    from models import induction_toy
+
+    vocab = GPT2LMHeadModel.from_pretrained(tiny_ln_dir).config.vocab_size
+    log = induction_toy.main(["--init-from", str(tiny_ln_dir), "--vocab", str(vocab), "--steps", "2",
+                              "--batch-size", "2", "--repeats-only", "--threads", "1"])
+    assert [r["step"] for r in log] == [2] and math.isfinite(log[0]["second_30"])
+    with pytest.raises(SystemExit) as exit_info:  # a span vocabulary the checkpoint does not have
+        induction_toy.main(["--init-from", str(tiny_ln_dir), "--vocab", str(vocab + 1), "--steps", "1"])
+    assert exit_info.value.code == 2
 
 
 def test_induction_toy_runs_and_probes_through_induction_losses():
