@@ -40,6 +40,10 @@ What unblocked the demo's architecture (session 4, `--threads 1` with two runs s
   never trained.)  On the toy (`--layer-norm --tied --embed-std 1 --final-ln-gain 0.004 --vocab
   8192`): second copy 6.1 at step 475, against 7.0 at step 600 without it.
   `models.pretrain_demo --repeats-only` builds on this.
+- transformers' own initialisation with `--repeats-only` (`--gpt2 --vocab 8192 --repeats-only
+  --threads 2`): 9.00 vs 9.13 at step 300, almost nothing, so the std-1 embeddings still matter.
+  From the shipped demo's text-trained weights (`--init-from demo --vocab 8192 --repeats-only --lr
+  1e-3 --threads 2`): 8.48 vs 10.36 at step 500, slow but moving.
 - No help: `--embed-lr-scale 0.1` (7.3 at step 600, as without it), `--proj-std 0.02` on `--gpt2`
   (transformers starts c_proj at 0.02 / sqrt(2 n_layer); the same curve for 225 steps), an untied
   unembedding at 8,192 tokens (flat at 9.0 for 300 steps: each output row must be learnt).
