@@ -157,7 +157,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.init_from and (args.embed_std is not None or args.final_ln_gain is not None or args.sinusoidal_positions):
+        ap.error("--init-from keeps the model's weights; drop --embed-std, --final-ln-gain and --sinusoidal-positions")
 
     torch.manual_seed(args.seed)
     start = time.time()

@@ -280,6 +280,9 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
                            "--n-ctx", "128", "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
+    refused = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
+                              "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
 
 
