@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "embeddings (and so of a tied unembedding), as a multiple of --lr")
     ap.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2 (the demo uses 0.95)")
     ap.add_argument("--repeats-only", action="store_true",
-                    help="train only on the repeated copies (the first copy is unpredictable noise)")
+                    help="train only on the targets induction can predict (the first copy is random noise)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=64)
