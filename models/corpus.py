@@ -60,3 +60,13 @@ def induction_targets(ids: torch.Tensor) -> torch.Tensor:
         length = next(n for n in range(1, len(row) + 1) if torch.equal(row[n:], row[: len(row) - n]))
         mask[r, length + 1 :] = True
     return mask
+
+
+def next_token_targets(ids: torch.Tensor, n_text: int = 0, repeats_only: bool = False) -> torch.Tensor:
+    """[n, n_ctx - 1] targets for a batch whose first `n_text` rows are text and the rest repeated spans.
+    With `repeats_only`, span targets induction cannot predict are -100 (cross_entropy ignores them)."""
+    targets = ids[:, 1:]
+    if not repeats_only or n_text >= len(ids):
+        return targets
+    spans = targets[n_text:].masked_fill(~induction_targets(ids[n_text:]), -100)
+    return torch.cat([targets[:n_text], spans])

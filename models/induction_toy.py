@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from models.corpus import induction_targets, repeated_spans
+from models.corpus import next_token_targets, repeated_spans
 from models.quality import induction_losses
 
 EOT = 0
@@ -121,16 +121,15 @@ def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float, pr
     tied unembedding) with the toy's embedding and final-LN initialisation."""
     from transformers import GPT2LMHeadModel
 
-    from models.pretrain_demo import demo_config
+    from models.pretrain_demo import demo_config, init_demo
 
     model = GPT2LMHeadModel(demo_config(vocab, EOT, n_ctx))
-    with torch.no_grad():
-        model.transformer.wte.weight.normal_(std=embed_std)
-        model.transformer.wpe.weight.normal_(std=embed_std)
-        model.transformer.ln_f.weight.fill_(final_ln_gain)
-        for name, p in model.named_parameters():
-            if proj_std is not None and name.endswith("c_proj.weight"):  # HF: 0.02 / sqrt(2 n_layer)
-                p.normal_(std=proj_std)
+    init_demo(model, embed_std, final_ln_gain)
+    if proj_std is not None:  # transformers: 0.02 / sqrt(2 n_layer)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    p.normal_(std=proj_std)
     return model
 
 
@@ -191,9 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"uniform loss over the span tokens: {math.log(span_vocab - 1):.2f}", flush=True)
     for step in range(1, args.steps + 1):
         ids = repeated_spans(args.batch_size, args.n_ctx, span_vocab, EOT, gen, lengths=(5, 25))
-        targets = ids[:, 1:]
-        if args.repeats_only:
-            targets = targets.masked_fill(~induction_targets(ids), -100)
+        targets = next_token_targets(ids, repeats_only=args.repeats_only)
         loss = F.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()

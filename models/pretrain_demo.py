@@ -73,7 +73,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from models.corpus import induction_targets, load_passages, pack, repeated_spans
+from models.corpus import load_passages, next_token_targets, pack, repeated_spans
 from models.quality import induction_losses, token_losses
 
 EOT = "<|endoftext|>"
@@ -110,6 +110,22 @@ def sinusoidal_positions(n_ctx: int, d_model: int, std: float) -> torch.Tensor:
     pe = torch.zeros(n_ctx, d_model)
     pe[:, 0::2], pe[:, 1::2] = angle.sin(), angle.cos()
     return pe * std * math.sqrt(2)  # sin and cos have variance 1/2
+
+
+@torch.no_grad()
+def init_demo(model: GPT2LMHeadModel, embed_std: float | None = None, final_ln_gain: float | None = None,
+              sinusoidal: bool = False) -> None:
+    """Re-initialise a fresh demo model's token and position embeddings (normal, `embed_std`), its final
+    LN's gain, and optionally its positions as sinusoids; None keeps transformers' initialisation."""
+    t = model.transformer
+    if embed_std is not None:
+        t.wte.weight.normal_(std=embed_std)
+        t.wpe.weight.normal_(std=embed_std)
+    if final_ln_gain is not None:  # ~1/d_model keeps the initial logits of large tied embeddings near 1 nat
+        t.ln_f.weight.fill_(final_ln_gain)
+    if sinusoidal:
+        t.wpe.weight.copy_(sinusoidal_positions(t.wpe.num_embeddings, model.config.n_embd,
+                                                embed_std or model.config.initializer_range))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -180,15 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"--n-ctx {args.n_ctx}")
     else:
         model = GPT2LMHeadModel(demo_config(len(tokenizer), eot, args.n_ctx))
-    with torch.no_grad():
-        if args.embed_std is not None:
-            model.transformer.wte.weight.normal_(std=args.embed_std)
-            model.transformer.wpe.weight.normal_(std=args.embed_std)
-        if args.final_ln_gain is not None:
-            model.transformer.ln_f.weight.fill_(args.final_ln_gain)
-        if args.sinusoidal_positions:
-            model.transformer.wpe.weight.copy_(sinusoidal_positions(
-                args.n_ctx, model.config.n_embd, args.embed_std or model.config.initializer_range))
+    init_demo(model, args.embed_std, args.final_ln_gain, args.sinusoidal_positions)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -198,7 +206,6 @@ def main(argv: list[str] | None = None) -> None:
     total = args.induction_steps + args.steps
     scheduled = args.steps if args.induction_lr else total  # steps the cosine schedule covers
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, args.warmup, scheduled, min_lr=args.min_lr)
-    scheduled_lrs = sched.get_last_lr()
     gen = torch.Generator().manual_seed(args.seed)
     def n_text_at(step: int) -> int:  # text rows in the batch: 0 during induction steps, then a ramp
         ramp = min(1.0, (step - args.induction_steps) / max(1, args.ramp_steps))
@@ -221,14 +228,11 @@ def main(argv: list[str] | None = None) -> None:
                                             lengths=tuple(args.repeat_lengths))])
             cursor += n_text
             text_seen += n_text * args.n_ctx
-        targets = ids[:, 1:]
-        if args.repeats_only and n_text < len(ids):
-            targets = targets.clone()
-            targets[n_text:] = targets[n_text:].masked_fill(~induction_targets(ids[n_text:]), -100)
-        if args.induction_lr:
-            for group, lr in zip(opt.param_groups, scheduled_lrs, strict=True):
+        if args.induction_lr:  # constant during the span steps; the schedule's own value after them
+            for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
                 group["lr"] = args.induction_lr if in_induction else lr
         logits = model(ids).logits
+        targets = next_token_targets(ids, n_text, args.repeats_only)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         if not (args.induction_lr and in_induction):
             sched.step()
-            scheduled_lrs = sched.get_last_lr()
         seen += ids.numel()
         if step % 20 == 0 or step == 1:
             rate = seen / (time.time() - start)

@@ -280,10 +280,10 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
                            "--n-ctx", "128", "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
     refused = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
                               "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
 
 
 def test_repeated_spans():
@@ -313,6 +313,23 @@ def test_induction_targets_are_the_tokens_a_copier_can_predict():
             assert m[j] == (bool(earlier) and row[earlier[-1] + 1] == row[j + 1]), (row, j)
     # A span that repeats within itself is predictable from its own repeat: [7, 8, 7, 8] has period 2.
     assert induction_targets(torch.tensor([[0, 7, 8, 7, 8, 7, 8]])).tolist() == [[False, False, False, True, True, True]]
+
+
+def test_next_token_targets_mask_only_the_span_rows():
+    """What pretrain_demo and the toy train on: text rows keep every target; with repeats_only, span rows
+    keep exactly the targets induction_targets marks and ignore (-100) the rest."""
+    from models.corpus import induction_targets, next_token_targets, repeated_spans
+
+    gen = torch.Generator().manual_seed(2)
+    text = torch.randint(1, 500, (3, 30), generator=gen)
+    spans = repeated_spans(2, 30, 500, eot_id=0, gen=gen, lengths=(4, 9))
+    ids = torch.cat([text, spans])
+    assert torch.equal(next_token_targets(ids, 3), ids[:, 1:])
+    targets = next_token_targets(ids, 3, repeats_only=True)
+    assert torch.equal(targets[:3], text[:, 1:])
+    keep = induction_targets(spans)
+    assert torch.equal(targets[3:][keep], spans[:, 1:][keep]) and (targets[3:][~keep] == -100).all()
+    assert torch.equal(next_token_targets(text, 3, repeats_only=True), text[:, 1:])
 
 
 class Copier(torch.nn.Module):
