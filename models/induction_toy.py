@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.init_from and args.gpt2:
+        ap.error("--init-from and --gpt2 each choose the model; pass one")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
