@@ -381,6 +381,9 @@ def test_induction_toy_starts_from_a_trained_checkpoint(tiny_ln_dir):
     with pytest.raises(SystemExit) as exit_info:  # a span vocabulary the checkpoint does not have
         induction_toy.main(["--init-from", str(tiny_ln_dir), "--vocab", str(vocab + 1), "--steps", "1"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:  # two ways to choose the model
+        induction_toy.main(["--init-from", str(tiny_ln_dir), "--gpt2", "--vocab", str(vocab), "--steps", "1"])
+    assert exit_info.value.code == 2
 
 
 def test_induction_toy_runs_and_probes_through_induction_losses():
