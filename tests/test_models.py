@@ -281,6 +281,16 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
+    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.
+    frozen = tmp_path / "frozen"
+    proc = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(frozen), "--init-from", str(out),
+                           "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                           "--embed-lr-scale", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = load_hf(str(frozen))[0].transformer
+    assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
+    assert torch.equal(moved.wpe.weight, model.transformer.wpe.weight)
+    assert not torch.equal(moved.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
     refused = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
                               "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()
