@@ -46,9 +46,16 @@ because its LN-free twin loses them:
   (goal +0.05).  But induction (64 x 50 tokens): LN-free 9.62 -> 8.09, vanilla
   10.93 -> 3.53.  Likely (not isolated) the v-path blow-up wrecks the induction circuit,
   and the 200 text steps after it do not rebuild it.  `--lr 3e-4 --min-lr 1e-4`: 9.57 -> 7.35, no better.
+- Removal data with repeated spans keeps most of it: the same gentle flags with
+  `--data` a .jsonl of the demo corpus's documents plus 3,315 documents that each repeat a
+  random span of 5-100 tokens (decoded to text; a quarter of the chunks; the corpus's
+  held-out passages last, so held out): LN-free induction 9.82 -> 4.29 (10.22 -> 1.28 on
+  20-token spans), held-out CE on the demo corpus 4.860.  Its vanilla control on the same
+  data was not run.
 Shipping it would trade the demo pair's faithfulness (a twin that computes the same
-thing) for the base model's induction.  Next to try: removal data with repeated-span
-rows, or a schedule that removes blocks.1's v path over several steps.
+thing) for the base model's induction.  Next: that span-data removal with its vanilla
+control, built into `lnfree.remove` (e.g. a `--repeat-frac` for the demo data) rather than
+a hand-made .jsonl.
 
 Continuing from the shipped model instead (`--init-from demo --induction-steps 800
 --induction-ctx 64 --induction-lengths 5 25 --induction-lr 1e-3 --repeats-only --steps 150
