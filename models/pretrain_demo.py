@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
 
         model = load_hf(args.init_from)[0]
         if model.config.vocab_size != len(tokenizer) or model.config.n_positions != args.n_ctx:
-            raise SystemExit(f"{args.init_from} does not have this tokenizer's {len(tokenizer)} tokens and "
-                             f"--n-ctx {args.n_ctx}")
+            ap.error(f"{args.init_from} does not have this tokenizer's {len(tokenizer)} tokens and "
+                     f"--n-ctx {args.n_ctx}")
     else:
         model = GPT2LMHeadModel(demo_config(len(tokenizer), eot, args.n_ctx))
     init_demo(model, args.embed_std, args.final_ln_gain, args.sinusoidal_positions)
