@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -54,9 +55,9 @@ def build_run(args, keep_ln: bool, tmp: str):
     tok = type("Tok", (), {"eos_token_id": model.config.eos_token_id})()
     g = torch.Generator().manual_seed(0)
     chunks = torch.randint(0, vocab, (64 * args.micro_batch, args.n_ctx), generator=g)
+    recipe = replace(recipe, spike_factor=float("inf"))
     cfg = RunConfig(args.random_init or args.model, tmp, recipe.as_dict(), 10**6, keep_ln=keep_ln,
-                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                    spike_factor=float("inf"))
+                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
     return Run(cfg, model=model, tokenizer=tok, data=(TrainData(chunks, 0), chunks[:1]))
 
 

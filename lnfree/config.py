@@ -40,7 +40,6 @@ class RunConfig:
     fsdp: bool = False
     gradient_checkpointing: bool = False
     auto_recover: bool = False
-    spike_factor: float = 50.0
     eval_tokens: int = 262_144
     log_with: str | None = None
     keep_checkpoints: bool = False

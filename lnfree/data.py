@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.corpus import load_passages, pack
+from models.corpus import load_passages, pack, repeated_spans
 
 OPENWEBTEXT = "Skylion007/openwebtext"
 OPENWEBTEXT_DOCS = 8_013_769  # rows of OpenWebText's train split
@@ -27,6 +27,7 @@ OWT_TEST_SIZE, OWT_SEED = 0.0005, 2357  # nanoGPT's split, used by the paper
 PILE_FILTERED = "lucabaroni/apollo-pile-filtered-10k"
 DATASETS = ("openwebtext", "pile-filtered", "demo")
 LOCAL_HELDOUT_FRACTION = 0.05
+SPAN_LENGTHS = (5, 100)  # repeated-span rows (--span-frac): span lengths, as the demo's pretraining
 
 
 class DataError(ValueError):
@@ -166,11 +167,21 @@ class TrainData:
 
 
 def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None, eval_tokens: int,
-                    seed: int) -> tuple[TrainData, torch.Tensor]:
-    """Training data and held-out chunks for `source` (demo / openwebtext / a local path)."""
+                    seed: int, span_frac: float = 0.0) -> tuple[TrainData, torch.Tensor]:
+    """Training data and held-out chunks for `source` (demo / openwebtext / a local path).
+
+    With `span_frac` > 0 that fraction of the training chunks are repeated random-token spans
+    (models.corpus.repeated_spans), so that fine-tuning keeps exercising the induction heads;
+    the held-out chunks stay text.
+    """
     streamed = source in ("openwebtext", "pile-filtered")
     train = tokenize_chunks(documents(source, "train"), tokenizer, n_ctx,
                             train_tokens if streamed else None, desc="tokenising train")
+    if span_frac > 0:
+        n = round(len(train) * span_frac / (1 - span_frac))
+        gen = torch.Generator().manual_seed(seed)
+        spans = repeated_spans(n, n_ctx, len(tokenizer), tokenizer.eos_token_id, gen, SPAN_LENGTHS)
+        train = torch.cat([train, spans])
     held = tokenize_chunks(documents(source, "heldout"), tokenizer, n_ctx, eval_tokens, desc="tokenising held-out")
     if len(held) == 0:
         raise DataError("The held-out split is shorter than one context window; give more text.")

@@ -2,7 +2,11 @@
 
 Each model is also given repeated random tokens (64 sequences, 50 tokens twice, or
 fewer where the context is shorter): its loss on the second copy far below the
-first means it has induction heads, a circuit LN removal should keep.
+first means it has induction heads, a circuit LN removal should keep.  CE is also
+given by position in the chunk (0, 1-3, 4-15, 16-63, 64-...): a short context puts
+more weight on the first positions, whose residual stream LN removal fits worst.
+How often each model's most likely next token agrees with the first model's measures
+how closely a twin follows its base.
 
     python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME] [--tokens N] [--json OUT]
 
@@ -40,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+POSITION_BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, None))  # target positions, [start, end)
+
+
+def by_position(losses: torch.Tensor) -> dict[str, float]:
+    """Mean loss [N, T] over the targets whose input token sits at each bucket's positions."""
+    out = {}
+    for a, b in POSITION_BUCKETS:
+        if a < losses.shape[1]:
+            label = f"{a}" if b == a + 1 else f"{a}-{b - 1}" if b else f"{a}-"
+            out[label] = losses[:, a:b].mean().item()
+    return out
+
+
 def default_source(infos) -> str:
     demo = all(demo_name(i.spec) or demo_name(i.base) for i in infos)
     return "demo" if demo else "openwebtext"
@@ -58,15 +75,18 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
     chunks = tokenize_chunks(documents(source, "heldout"), tok, ctx, tokens, desc=f"tokenising {source}")
     if len(chunks) == 0:
         raise DataError("The evaluation text is shorter than one context window; give more text.")
-    rows = []
+    rows, first_top1 = [], None
     for (model, _, info) in loaded:
-        losses = token_losses(model, chunks, batch_size).flatten()
+        per_position, top1 = token_losses(model, chunks, batch_size, top1=True)
+        first_top1 = top1 if first_top1 is None else first_top1
+        losses = per_position.flatten()
         length = min(50, (model.config.n_positions - 1) // 2)
         induction = induction_losses(model, len(tok), bos_id=tok.bos_token_id, length=length)
         rows.append({"spec": info.spec, "ln_free": info.ln_free, "ce_mean": losses.mean().item(),
                      "ce_median": losses.median().item(), "tokens": int(losses.numel()),
                      "induction_first": induction["first_copy"], "induction_second": induction["second_copy"],
-                     "induction_length": length})
+                     "induction_length": length, "ce_by_position": by_position(per_position),
+                     "top1_agreement": (top1 == first_top1).float().mean().item()})
     return {"data": source, "n_ctx": ctx, "models": rows}
 
 
@@ -85,6 +105,11 @@ def format_table(result: dict) -> str:
     lines.append(f"{rows[0]['tokens']:,} tokens of {result['data']} per model, context {result['n_ctx']}; "
                  f"(+gap) to the best model; induction: mean loss on the first and second copy of "
                  f"repeated random tokens")
+    buckets = list(rows[0]["ce_by_position"])
+    lines += ["", f"{'CE by position':<{w}}  " + "  ".join(f"{b:>7}" for b in buckets)]
+    lines += [f"{r['spec']:<{w}}  " + "  ".join(f"{r['ce_by_position'][b]:7.3f}" for b in buckets) for r in rows]
+    lines += ["", f"top-1 next token agrees with {rows[0]['spec']}'s: "
+              + ", ".join(f"{r['spec']} {r['top1_agreement']:.1%}" for r in rows[1:])] if len(rows) > 1 else []
     return "\n".join(lines)
 
 

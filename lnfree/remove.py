@@ -25,6 +25,13 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER)
 
 
+RECIPE_HELP = {
+    "embed_lr_scale": "learning rate of the token and position embeddings as a multiple of --lr",
+    "span_frac": "share of training chunks that are repeated random-token spans (keeps induction heads in use)",
+    "spike_factor": "stop (or, with --auto-recover, roll back) when the grad norm exceeds this x its running level",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m lnfree.remove", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="hub name (gpt2, gpt2-xl, ...), local HF dir, or demo")
@@ -43,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (for gpt2-xl on several GPUs)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--auto-recover", action="store_true", help="on divergence roll back and halve the LR")
-    p.add_argument("--spike-factor", type=float, default=50.0,
-                   help="stop when the grad norm exceeds this multiple of its running level")
     p.add_argument("--eval-tokens", type=int, default=262_144, help="held-out tokens for CE")
     p.add_argument("--log-with", choices=["wandb", "tensorboard"], help="Accelerate tracker (off by default)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints after a finished run")
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = p.add_argument_group("recipe overrides (default: the recipe's value)")
     for name, typ in RECIPE_FIELDS.items():
         kind = float if "float" in str(typ) else int
-        rec.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=f"r_{name}", metavar=name.upper())
+        rec.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=f"r_{name}", metavar=name.upper(),
+                         help=RECIPE_HELP.get(name))
     return p
 
 
@@ -83,7 +89,7 @@ def config_from_args(args) -> RunConfig:
     max_steps = args.max_steps if args.max_steps is not None else recipe.steps
     cfg = RunConfig(args.model, str(out), recipe.as_dict(), max_steps, args.data, args.dataset, args.seed,
                     args.save_every, args.keep_ln, args.mixed_precision, args.fsdp, args.gradient_checkpointing,
-                    args.auto_recover, args.spike_factor, args.eval_tokens, args.log_with, args.keep_checkpoints,
+                    args.auto_recover, args.eval_tokens, args.log_with, args.keep_checkpoints,
                     args.debug_nan_step)
     validate(cfg)
     return cfg
@@ -102,6 +108,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--min-lr must lie between 0 and --lr.")
     if not (0 <= r.momentum < 1):
         raise UserError("--momentum must lie in [0, 1).")
+    if not (0 <= r.span_frac < 1):
+        raise UserError("--span-frac must lie in [0, 1).")
     if cfg.data and not Path(cfg.data).exists():
         raise UserError(f"Data path {cfg.data!r} does not exist.")
 

@@ -84,6 +84,10 @@ def model_card(s: dict) -> str:
     r = s["recipe"]
     kind = "LayerNorm-free" if s["kind"] == "ln-free" else "vanilla fine-tuned (LayerNorm kept)"
     paper = "\n".join(f"| {m} | {o:.4f} | {v:.4f} | {f:.4f} |" for m, (o, v, f) in PAPER_CE.items())
+    frac = r.get("span_frac", 0)  # recipes written before span_frac have no such key
+    spans = f" ({frac:.0%} of the chunks repeated random-token spans)" if frac else ""
+    scale = r.get("embed_lr_scale", 1)
+    embed = f", embeddings at {scale:g}x the LR" if scale != 1 else ""
     return f"""# {kind} twin of `{s['base']}`
 
 Written by `python -m lnfree.remove` (arXiv 2507.02559's method). A plain
@@ -95,8 +99,8 @@ Written by `python -m lnfree.remove` (arXiv 2507.02559's method). A plain
 | this model | {_f(s['heldout_ce_final'])} |
 
 Held-out data: `{s['data']}` ({s['heldout_tokens']:,} predicted tokens). Training: {s['steps']} steps,
-{s['tokens_seen']:,} tokens, recipe `{r['name']}` (LR {r['lr']:g} -> {r['min_lr']:g}, warmup {r['warmup']},
-aux lambda {r['aux_lambda']:g}, {r['micro_batch']} x {r['grad_accum']} sequences of {r['n_ctx']} tokens per step),
+{s['tokens_seen']:,} tokens{spans}, recipe `{r['name']}` (LR {r['lr']:g} -> {r['min_lr']:g}, warmup {r['warmup']},
+aux lambda {r['aux_lambda']:g}{embed}, {r['micro_batch']} x {r['grad_accum']} sequences of {r['n_ctx']} tokens per step),
 seed {s['seed']}, {s['wall_seconds']:.0f} s wall time on {s['processes']} process(es).
 Export check: max |logit difference| to the trained model {s['export_max_logit_diff']:.2e}.
 

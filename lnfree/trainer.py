@@ -95,11 +95,17 @@ class Run:
         else:
             with self.acc.main_process_first():
                 self.data, self.held = load_train_eval(cfg.source, self.tokenizer, self.r.n_ctx, train_tokens,
-                                                       cfg.eval_tokens, cfg.seed)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.r.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.r.lr)
+                                                       cfg.eval_tokens, cfg.seed, self.r.span_frac)
+        # Embeddings (wte, tied to lm_head, and wpe) get their own group so that their learning rate
+        # can be scaled: Adam moves each weight by ~lr a step, whatever the weight's scale.
+        embed = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+        params = list(model.parameters())
+        groups = [([p for p in params if p.dim() >= 2 and id(p) not in embed], self.r.weight_decay, 1.0),
+                  ([p for p in params if p.dim() < 2], 0.0, 1.0),
+                  ([p for p in params if id(p) in embed], self.r.weight_decay, self.r.embed_lr_scale)]
+        self.lr_mults = [mult for _, _, mult in groups]
+        opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr": self.r.lr * mult}
+                                 for ps, wd, mult in groups], lr=self.r.lr)
         self.initial_ce = None
         if eval_initial and self.acc.is_main_process:  # before sharding: one process, whole model
             self.initial_ce = heldout_ce(model.to(self.acc.device), self.held)
@@ -146,7 +152,7 @@ class Run:
 
     def set_lr_scale(self, scale: float) -> None:
         self.lr_scale = scale
-        self.sched_lr.base_lrs = [self.r.lr * scale for _ in self.sched_lr.base_lrs]
+        self.sched_lr.base_lrs = [self.r.lr * scale * mult for mult in self.lr_mults]
         for g, base, fn in zip(self.opt.param_groups, self.sched_lr.base_lrs, self.sched_lr.lr_lambdas,
                                strict=True):
             g["lr"] = base * fn(self.sched_lr.last_epoch)
@@ -235,7 +241,7 @@ class Run:
         if not math.isfinite(m["grad_norm"]):
             return f"the gradient norm became {m['grad_norm']}"
         level = self.gnorm_level
-        if level is not None and self.step >= SPIKE_WARMUP and m["grad_norm"] > self.cfg.spike_factor * level:
+        if level is not None and self.step >= SPIKE_WARMUP and m["grad_norm"] > self.r.spike_factor * level:
             return f"the gradient norm {m['grad_norm']:.3g} is {m['grad_norm'] / level:.0f}x its running level"
         return None
 

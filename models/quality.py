@@ -7,15 +7,17 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def token_losses(model, chunks: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Per-token next-token cross-entropy (nats) of a causal LM on [N, T] chunks -> [N, T-1]."""
+def token_losses(model, chunks: torch.Tensor, batch_size: int = 16, top1: bool = False):
+    """Per-token next-token cross-entropy (nats) of a causal LM on [N, T] chunks -> [N, T-1];
+    with `top1`, also the model's most likely next token at each of those positions."""
     device = next(model.parameters()).device
-    out = []
+    out, best = [], []
     for i in range(0, len(chunks), batch_size):
         ids = chunks[i : i + batch_size].to(device)
         logits = model(ids).logits.float()
         out.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").cpu())
-    return torch.cat(out)
+        best.append(logits[:, :-1].argmax(-1).cpu())
+    return (torch.cat(out), torch.cat(best)) if top1 else torch.cat(out)
 
 
 def induction_batch(vocab_size: int, n_seq: int = 64, length: int = 50, seed: int = 0,

@@ -83,6 +83,24 @@ def test_end_to_end_run_removes_every_ln_and_lowers_the_loss(baseline, tiny_ln_d
     assert plain.config.layer_norm_epsilon == 1e12
 
 
+def test_vanilla_control_with_spans_and_frozen_embeddings(tmp_path, tiny_ln_dir, text_data):
+    """--keep-ln keeps every LayerNorm; --embed-lr-scale 0 freezes wte/wpe alone; --span-frac is recorded."""
+    out = tmp_path / "vanilla"
+    remove("--model", tiny_ln_dir, "--output-dir", out, "--data", text_data, "--save-every", 0, *TRAIN,
+           "--max-steps", 6, "--keep-ln", "--embed-lr-scale", 0, "--span-frac", 0.5)
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "vanilla" and not run["ln_free"] and run["schedule"] == {}
+    assert run["recipe"]["span_frac"] == 0.5 and run["recipe"]["embed_lr_scale"] == 0
+    assert "50% of the chunks repeated random-token spans" in (out / "README.md").read_text()
+    model, _, info = load_hf(str(out))
+    base, _, _ = load_hf(str(tiny_ln_dir))
+    assert not info.ln_free and info.base == str(tiny_ln_dir)
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(model.get_parameter(name), base.get_parameter(name)), name
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.ln_2.weight"):
+        assert not torch.equal(model.get_parameter(name), base.get_parameter(name)), name
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, baseline, tiny_ln_dir, text_data):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lnfree.remove", "--model", str(tiny_ln_dir), "--output-dir", str(out),
@@ -155,6 +173,7 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
     result = json.loads(out.read_text())
     assert [m["spec"] for m in result["models"]] == [str(tiny_ln_dir), str(baseline)]
     assert "(+0.0000)" in proc.stdout
+    assert "CE by position" in proc.stdout and "16-63" in proc.stdout
     # Independent check: transformers' own loss on the same held-out text.
     from lnfree.data import documents
     from models.quality import induction_losses  # its slicing is checked in test_models
@@ -164,16 +183,27 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
     for doc in documents(str(text_data), "heldout"):
         stream += [tok.eos_token_id] + tok(doc)["input_ids"]
     ids = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)[:8]
+    top1 = []
     for spec, row in zip((tiny_ln_dir, baseline), result["models"], strict=True):
         model = GPT2LMHeadModel.from_pretrained(spec).eval()
         with torch.no_grad():
             want = model(ids, labels=ids).loss.item()
+            logits = model(ids).logits
         assert row["tokens"] == 8 * 31 and row["ce_mean"] == pytest.approx(want, abs=1e-4)
+        # By position: the target at position p + 1, predicted from positions 0..p, in p's bucket.
+        for label, (a, b) in {"0": (0, 1), "1-3": (1, 4), "4-15": (4, 16), "16-63": (16, 31)}.items():
+            ce = torch.nn.functional.cross_entropy(logits[:, a:b].flatten(0, 1), ids[:, a + 1:b + 1].flatten())
+            assert row["ce_by_position"][label] == pytest.approx(ce.item(), abs=1e-4), label
+        assert list(row["ce_by_position"]) == ["0", "1-3", "4-15", "16-63"]  # n_ctx 32: no "64-"
+        top1.append(logits[:, :-1].argmax(-1))
         ind = induction_losses(model, len(tok), bos_id=tok.bos_token_id, length=31)  # n_ctx 64
         assert (row["induction_first"], row["induction_second"]) == pytest.approx(
             (ind["first_copy"], ind["second_copy"]), abs=1e-4)
         assert row["induction_length"] == 31
     assert result["models"][1]["ln_free"] and not result["models"][0]["ln_free"]
+    assert result["models"][0]["top1_agreement"] == 1.0
+    assert result["models"][1]["top1_agreement"] == pytest.approx((top1[0] == top1[1]).float().mean().item())
+    assert f"{baseline} {result['models'][1]['top1_agreement']:.1%}" in proc.stdout
     # The twin card's comparison table shows these numbers, and the length they were measured at.
     from lnfree.report import twin_card
 
@@ -225,6 +255,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):
     assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", baseline, check=False),
                       "already holds another run")
     assert_user_error(remove("--output-dir", baseline, "--resume", check=False), "already finished")
+    assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "f", "--span-frac", "1",
+                             check=False), "--span-frac")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
     assert_user_error(remove("--model", tiny_ln_dir, "--output-dir", tmp_path / "e", "--data", bad,

@@ -44,3 +44,26 @@ def test_batches_are_a_function_of_the_step_only():
     # An epoch visits every chunk once.
     rows = torch.cat([d1.batch(s, 2, 2, 0) for s in range(1, 6)])
     assert sorted(rows[:, 0].tolist()) == list(range(0, 40, 4))
+
+
+def test_span_frac_mixes_repeated_spans_into_training_only(tmp_path, tokenizer):
+    from models.corpus import induction_targets
+
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"row {i} " * 40}) for i in range(60)) + "\n")
+    plain, held = data.load_train_eval(str(text), tokenizer, 256, None, 10_000, seed=0)
+    mixed, held2 = data.load_train_eval(str(text), tokenizer, 256, None, 10_000, seed=0, span_frac=0.25)
+    assert torch.equal(held, held2)  # the held-out text is untouched
+    n_text = len(plain.chunks)
+    assert torch.equal(mixed.chunks[:n_text], plain.chunks)
+    spans = mixed.chunks[n_text:].long()
+    assert len(spans) == round(n_text / 3)  # a quarter of all training chunks
+    eot = tokenizer.eos_token_id
+    assert (spans[:, 0] == eot).all() and not (spans[:, 1:] == eot).any()
+    assert spans.max() < len(tokenizer)
+    # Each row is one span repeated: induction can predict everything from its second copy on.
+    lengths = (~induction_targets(spans)).sum(1) - 1
+    assert lengths.min() >= data.SPAN_LENGTHS[0] and lengths.max() <= data.SPAN_LENGTHS[1]
+    body = spans[:, 1:]
+    for row, n in zip(body, lengths.tolist(), strict=True):
+        assert torch.equal(row[n:], row[:-n])
