@@ -274,10 +274,11 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     model, _, info = load_hf(str(out))
     assert not info.ln_free and model.config.n_positions == 128
     assert model.transformer.wte.weight.std() > 0.5 and model.transformer.ln_f.weight.mean() < 0.5
-    # --init-from continues from a model's weights: with no steps, the written model is that model.
+    # --init-from continues from a model's weights (the initialisation defaults do not apply): with no
+    # steps, the written model is that model.
     again = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(again), "--init-from", str(out),
-                           "--n-ctx", "128", "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--n-ctx", "128", "--steps", "0", "--induction-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
@@ -285,7 +286,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     frozen = tmp_path / "frozen"
     proc = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(frozen), "--init-from", str(out),
                            "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1",
-                           "--embed-lr-scale", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--induction-steps", "0", "--embed-lr-scale", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     moved = load_hf(str(frozen))[0].transformer
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
