@@ -2,8 +2,8 @@
 
     python -m models.induction_toy --vocab 64 --layer-norm --tied --embed-std 1 --final-ln-gain 0.004
 
-The shipped demo model has no induction heads (see models.pretrain_demo, which also
-has the recipe this toy led to, and why it is not shipped).  This toy isolates the
+With transformers' initialisation the demo model formed no induction heads (see
+models.pretrain_demo, whose default recipe this toy led to).  This toy isolates the
 question in minutes: a 2-layer attention-only
 transformer (d_model 256, 4 heads, learned positions), optionally with GPT-2's
 pre-LayerNorms and final LayerNorm and with a tied unembedding, trained with

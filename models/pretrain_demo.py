@@ -36,11 +36,12 @@ paper's schedule, found on this model:
   10.93 -> 3.53 for the vanilla control): a quarter of the removal chunks are repeated
   random spans (`--span-frac 0.25`), which keeps them (9.53 -> 2.93).
 - The embeddings train at 10x the lr, as here.
-Even so LN-free minus vanilla is ~+0.15 held-out CE (goal +0.05): most of it at the
-first positions of each 256-token chunk (README).  Variants that did not narrow it
-(300 steps, same data): the aux loss over every LN's input instead of ln_f's only
-(+0.128 vs +0.130), aux lambda 1.0 (+0.133), position 0 and EOT left out of the aux
-loss (+0.130), no aux loss (+0.144).
+Even so LN-free minus vanilla is +0.153 held-out CE (goal +0.05): most of it at the
+first positions of each 256-token chunk (README).  Variants that did not narrow it, all
+300 steps on an earlier form of the span data (a .jsonl of the corpus plus documents of
+decoded repeated spans, embeddings at 1x; LN-free minus vanilla +0.130 there): the aux
+loss averaged over every LN's input instead of ln_f's only (+0.128), aux lambda 1.0
+(+0.133), position 0 and EOT left out of the aux loss (+0.130), no aux loss (+0.144).
 
 Continuing from that earlier text-only model instead (`--init-from`; 800 span-only steps
 of 5-25-token spans at lr 1e-3, then 150 text steps at 3e-4 -> 1e-4; 17 min): induction

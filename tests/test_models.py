@@ -242,15 +242,32 @@ def test_demo_model_size_and_quality():
     ce = token_losses(model, held, batch_size=64).mean().item()
     assert ce < math.log(cfg.vocab_size) - 3.0  # far better than uniform (9.01 nats)
     assert ce == pytest.approx(report["heldout_ce"], abs=1e-3)  # the README's number
-    # The reported induction numbers are what the model does (it has no induction heads: README).
+    # The reported induction numbers are what the model does, and it has induction heads (README).
     ind = induction_losses(model, cfg.vocab_size, bos_id=eot)
     assert ind == pytest.approx(report["induction"], abs=1e-3)
-    # `python -m models.pretrain_demo` with no flags is what trained it (flags added since default to off).
+    assert ind["second_copy"] < ind["first_copy"] - 5  # far below: induction
+    # `python -m models.pretrain_demo` with no flags is what trained it (its defaults are the recipe).
     from models.pretrain_demo import parser
 
     defaults = json.loads(json.dumps(vars(parser().parse_args([])), default=str))
     assert {k: v for k, v in report["train_args"].items() if k != "out"} == {
         k: defaults[k] for k in report["train_args"] if k != "out"}
+
+
+def test_demo_lnfree_is_ln_free_and_keeps_induction():
+    """The shipped twin: its recorded held-out CE (the README's) and the base's induction heads."""
+    from models.corpus import load_passages, pack
+    from models.quality import induction_losses, token_losses
+
+    model, tok, info = load_hf("demo-lnfree")
+    run = json.loads((ROOT / "models" / "demo-lnfree" / "run.json").read_text())
+    assert info.ln_free and info.base == "demo" and set(info.sigmas) == {
+        *(f"blocks.{i}.ln{k}" for i in range(4) for k in (1, 2)), "ln_final"}
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, model.config.n_positions)
+    assert token_losses(model, held, batch_size=64).mean().item() == pytest.approx(run["heldout_ce_final"], abs=1e-3)
+    ind = induction_losses(model, model.config.vocab_size, bos_id=eot)
+    assert ind["second_copy"] < ind["first_copy"] - 5
 
 
 def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
