@@ -71,7 +71,10 @@ def config_from_args(args) -> RunConfig:
     if args.resume and (out / "run.json").exists():
         raise UserError(f"The run in {out} is already finished; see {out / 'run.json'}.")
     if args.resume and saved.exists():
-        cfg = RunConfig(**json.loads(saved.read_text()))
+        saved_cfg = json.loads(saved.read_text())
+        if "spike_factor" in saved_cfg:  # written before the spike factor became a recipe field
+            saved_cfg["recipe"]["spike_factor"] = saved_cfg.pop("spike_factor")
+        cfg = RunConfig(**saved_cfg)
         cfg.output_dir = str(out)
         return cfg
     if not args.model:

@@ -114,6 +114,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, baseline, tiny
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "run.json").exists()
+    # Resume also reads a run_config.json written before the spike factor, span fraction and embedding
+    # LR scale were recipe fields.
+    saved = json.loads((out / "run_config.json").read_text())
+    saved["spike_factor"] = saved["recipe"].pop("spike_factor")
+    del saved["recipe"]["span_frac"], saved["recipe"]["embed_lr_scale"]
+    (out / "run_config.json").write_text(json.dumps(saved))
     remove("--output-dir", out, "--resume", "--threads", 1)
     a = json.loads((baseline / "run.json").read_text())
     b = json.loads((out / "run.json").read_text())
