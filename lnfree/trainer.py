@@ -18,6 +18,7 @@ from lnfree import checkpoint as ckpt
 from lnfree.config import MAX_RECOVERIES, Diverged, RunConfig, UserError, save_run_config
 from lnfree.fake_ln import aux_loss, convert_to_fake, find_fakes
 from lnfree.recipes import check_schedule, schedule
+from models.param_groups import adamw_groups
 
 SPIKE_WARMUP = 10  # steps before the grad-norm spike check starts
 EXPORT_TOL = 1e-4
@@ -96,16 +97,8 @@ class Run:
             with self.acc.main_process_first():
                 self.data, self.held = load_train_eval(cfg.source, self.tokenizer, self.r.n_ctx, train_tokens,
                                                        cfg.eval_tokens, cfg.seed, self.r.span_frac)
-        # Embeddings (wte, tied to lm_head, and wpe) get their own group so that their learning rate
-        # can be scaled: Adam moves each weight by ~lr a step, whatever the weight's scale.
-        embed = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
-        params = list(model.parameters())
-        groups = [([p for p in params if p.dim() >= 2 and id(p) not in embed], self.r.weight_decay, 1.0),
-                  ([p for p in params if p.dim() < 2], 0.0, 1.0),
-                  ([p for p in params if id(p) in embed], self.r.weight_decay, self.r.embed_lr_scale)]
-        self.lr_mults = [mult for _, _, mult in groups]
-        opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr": self.r.lr * mult}
-                                 for ps, wd, mult in groups], lr=self.r.lr)
+        opt = torch.optim.AdamW(adamw_groups(model, self.r.lr, self.r.weight_decay, self.r.embed_lr_scale),
+                                lr=self.r.lr)
         self.initial_ce = None
         if eval_initial and self.acc.is_main_process:  # before sharding: one process, whole model
             self.initial_ce = heldout_ce(model.to(self.acc.device), self.held)
@@ -152,7 +145,7 @@ class Run:
 
     def set_lr_scale(self, scale: float) -> None:
         self.lr_scale = scale
-        self.sched_lr.base_lrs = [self.r.lr * scale * mult for mult in self.lr_mults]
+        self.sched_lr.base_lrs = [self.r.lr * scale * g["lr_mult"] for g in self.opt.param_groups]
         for g, base, fn in zip(self.opt.param_groups, self.sched_lr.base_lrs, self.sched_lr.lr_lambdas,
                                strict=True):
             g["lr"] = base * fn(self.sched_lr.last_epoch)

@@ -82,6 +82,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from models.corpus import load_passages, next_token_targets, pack, repeated_spans
+from models.param_groups import adamw_groups
 from models.quality import induction_losses, token_losses
 
 EOT = "<|endoftext|>"
@@ -138,7 +139,9 @@ def init_demo(model: GPT2LMHeadModel, embed_std: float | None = None, final_ln_g
 
 def parser() -> argparse.ArgumentParser:
     """The script's flags; their defaults reproduce the shipped model (its training.json records them)."""
-    ap = argparse.ArgumentParser(prog="python -m models.pretrain_demo", description="Train the embedded demo model.")
+    # No abbreviated flags: main() looks for the initialisation flags by their full names.
+    ap = argparse.ArgumentParser(prog="python -m models.pretrain_demo", description="Train the embedded demo model.",
+                                 allow_abbrev=False)
     ap.add_argument("--out", type=Path, default=DEMO_DIR)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -206,14 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     else:  # a fresh model with its initialisation (--init-from keeps the loaded weights)
         model = GPT2LMHeadModel(demo_config(len(tokenizer), eot, args.n_ctx))
         init_demo(model, args.embed_std, args.final_ln_gain, args.sinusoidal_positions)
-    embeddings = [model.transformer.wte.weight, model.transformer.wpe.weight]  # wte is tied to lm_head
-    decay = [p for p in model.parameters() if p.dim() >= 2 and all(p is not e for e in embeddings)]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0},
-         {"params": embeddings, "weight_decay": 0.1, "lr": args.lr * args.embed_lr_scale}],
-        lr=args.lr, betas=(0.9, 0.95),
-    )
+    opt = torch.optim.AdamW(adamw_groups(model, args.lr, 0.1, args.embed_lr_scale), lr=args.lr, betas=(0.9, 0.95))
     total = args.induction_steps + args.steps
     scheduled = args.steps if args.induction_lr else total  # steps the cosine schedule covers
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, args.warmup, scheduled, min_lr=args.min_lr)

@@ -16,7 +16,8 @@ def token_losses(model, chunks: torch.Tensor, batch_size: int = 16, top1: bool =
         ids = chunks[i : i + batch_size].to(device)
         logits = model(ids).logits.float()
         out.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").cpu())
-        best.append(logits[:, :-1].argmax(-1).cpu())
+        if top1:
+            best.append(logits[:, :-1].argmax(-1).cpu())
     return (torch.cat(out), torch.cat(best)) if top1 else torch.cat(out)
 
 

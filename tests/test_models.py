@@ -312,6 +312,9 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
                               "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()
+    abbreviated = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
+                                  "--init-from", str(out), "--final-ln", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert abbreviated.returncode == 2 and "--final-ln" in abbreviated.stderr and not (tmp_path / "no").exists()
     wrong = subprocess.run([sys.executable, "-m", "models.pretrain_demo", "--out", str(tmp_path / "no"),
                             "--init-from", str(out), "--steps", "0"], cwd=ROOT, capture_output=True, text=True)
     assert wrong.returncode == 2 and "--n-ctx 256" in wrong.stderr and not (tmp_path / "no").exists()
