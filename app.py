@@ -8,10 +8,8 @@ Layout and widgets only: loading lives in models/, every number in attribution/.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import threading
-import zipfile
 from collections import OrderedDict
 from functools import partial
 
@@ -22,7 +20,8 @@ import torch
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
 from attribution import export as exporting
 from attribution.findings import pair_findings, summary_table
-from attribution.findings_plots import FINDINGS_FIGURES
+from attribution.findings.plots import FINDINGS_FIGURES
+from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
 
@@ -80,42 +79,30 @@ def result_store() -> dict[str, LRU]:
 def get_results(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings,
                 progress) -> PairResults:
     def compute():
-        ln, ln_info = get_model(ln_spec, dtype, device)
-        lf, lf_info = get_model(lnfree_spec, dtype, device)
-        return compare(ln, ln_info, lf, lf_info, settings, progress=progress)
+        return compare(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), settings,
+                       progress=progress)
 
-    key = (ln_spec, lnfree_spec, dtype, device, repr(settings))
-    return result_store()["pair"].get_or_compute(key, compute)
+    return result_store()["pair"].get_or_compute((ln_spec, lnfree_spec, dtype, device, settings), compute)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int, head: int):
-    bridge, _ = get_model(spec, dtype, device)
-    return attention_pattern(bridge, Settings(**dict(settings)), layer, head)
+    return attention_pattern(get_model(spec, dtype, device), Settings(**dict(settings)), layer, head)
 
 
 def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq: int, progress) -> dict:
     def compute():
-        ln, ln_info = get_model(ln_spec, dtype, device)
-        lf, lf_info = get_model(lnfree_spec, dtype, device)
-        return pair_findings(ln, ln_info, lf, lf_info, n_seq, progress=progress)
+        return pair_findings(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), n_seq,
+                             progress=progress)
 
     return result_store()["findings"].get_or_compute((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
-
-
-def base_of_lnfree(lnfree_spec: str, dtype: str, device: str) -> str:
-    """The LN model an LN-free checkpoint was made from (recorded by lnfree.remove, or a known pair)."""
-    _, info = get_model(lnfree_spec, dtype, device)
-    if not info.base:
-        raise ModelSpecError(f"{lnfree_spec!r} records no base model; enter the LN model to compare it with.")
-    return info.base
 
 
 def progress_to(bar):
     return lambda fraction, text: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
 
 
-def sidebar() -> tuple[str, str, str, str, Settings]:
+def sidebar() -> tuple[str, str, str, str, Settings, str]:
     sb = st.sidebar
     sb.title("lnfree workbench")
     label = sb.selectbox("Model pair (LN | LN-free)", [*PAIR_LABELS, CUSTOM_PAIR],
@@ -153,9 +140,8 @@ def sidebar() -> tuple[str, str, str, str, Settings]:
                       format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
     per_position = sb.checkbox("Also patch each head and MLP at each position", False, key="per_position",
                                help="L x H x positions patched runs: slow on large models.")
-    settings = Settings(task=task, top_k=top_k, method=method,
-                        per_position=per_position, **fields)
-    return ln_spec, lnfree_spec, dtype, device, settings
+    settings = Settings(task=task, top_k=top_k, per_position=per_position, **fields)
+    return ln_spec, lnfree_spec, dtype, device, settings, method
 
 
 def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
@@ -169,51 +155,16 @@ def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
                             key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
                             help=problem)
     if table:
-        cols[3].download_button("CSV", partial(exporting.table_csv, table), f"{name}.csv", "text/csv",
+        cols[3].download_button("CSV", partial(table_csv, table), f"{name}.csv", "text/csv",
                                 key=f"{key}-csv", on_click="ignore")
 
 
-def figure(pair: PairResults, name: str, caption: str = "") -> None:
-    fig = plots.FIGURES[name](pair)
+def figure(pair: PairResults, method: str, name: str, caption: str = "") -> None:
+    fig = plots.FIGURES[name](pair, method)
     st.plotly_chart(fig, key=f"fig-{name}")
     if caption:
         st.caption(caption)
-    download_row(fig, name, exporting.figure_table(name, pair), key=name)
-
-
-def summary_frame(pair: PairResults) -> pd.DataFrame:
-    rows = {}
-    for label, res in (("LN", pair.ln), ("LN-free", pair.lnfree)):
-        a, s = res.agreement["atp"], res.agreement["atpstar"]
-        rows[f"{label}: {res.spec}"] = {
-            "metric (clean)": res.metric_clean, "metric (corrupted)": res.metric_corrupt,
-            "DLA NMAE vs direct effect": res.dla_nmae,
-            "AtP Pearson": a["pearson"], "AtP Spearman": a["spearman"],
-            f"AtP top-{pair.settings.top_k} recall": a["topk_recall"], "AtP MAE": a["mae"],
-            "AtP* Pearson": s["pearson"], "AtP* Spearman": s["spearman"],
-            f"AtP* top-{pair.settings.top_k} recall": s["topk_recall"], "AtP* MAE": s["mae"],
-        }
-    return pd.DataFrame(rows)
-
-
-def zip_all(pair: PairResults, names: list[str]) -> bytes:
-    """Every figure (HTML, and PNG/SVG when chromium is present), its CSV, and the JSON of numbers."""
-    images = exporting.image_export_problem() is None
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("results.json", json.dumps(pair.to_json(), indent=2))
-        zf.writestr("settings.json", json.dumps(dataclasses.asdict(pair.settings), indent=2))
-        zf.writestr("summary.csv", summary_frame(pair).to_csv())
-        for name in names:
-            fig = plots.FIGURES[name](pair)
-            zf.writestr(f"{name}.html", exporting.figure_bytes(fig, "html"))
-            table = exporting.figure_table(name, pair)
-            if table:
-                zf.writestr(f"{name}.csv", exporting.table_csv(table))
-            if images:
-                for fmt in ("png", "svg"):
-                    zf.writestr(f"{name}.{fmt}", exporting.figure_bytes(fig, fmt))
-    return buf.getvalue()
+    download_row(fig, name, figure_table(name, pair), key=name)
 
 
 def predictions(pair: PairResults) -> None:
@@ -273,23 +224,20 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
 
 
 def main() -> None:
-    ln_spec, lnfree_spec, dtype, device, settings = sidebar()
+    ln_spec, lnfree_spec, dtype, device, settings, method = sidebar()
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
                "checked against activation patching. Left: LN model. Right: its LN-free twin.")
-    # The AtP / AtP* choice only selects what is shown: both are computed once.
-    computed = dataclasses.replace(settings, method="atp*")
-    key = tuple(sorted(dataclasses.asdict(computed).items()))
+    key = tuple(sorted(dataclasses.asdict(settings).items()))
     bar = st.progress(0.0, text="Computing...")
     try:
-        ln_spec = ln_spec.strip() or base_of_lnfree(lnfree_spec, dtype, device)
-        pair = get_results(ln_spec, lnfree_spec, dtype, device, computed, progress_to(bar))
+        ln_spec = ln_spec.strip() or get_model(lnfree_spec, dtype, device).info.ln_base()
+        pair = get_results(ln_spec, lnfree_spec, dtype, device, settings, progress_to(bar))
     except USER_ERRORS as err:
         bar.empty()
         st.error(str(err))
         st.stop()
     bar.empty()
-    pair = dataclasses.replace(pair, settings=settings)
 
     st.header("1. Predictions")
     predictions(pair)
@@ -297,29 +245,29 @@ def main() -> None:
     m = st.columns(2)
     m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
     m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
-    figure(pair, "dla_heads")
-    figure(pair, "dla_layers")
-    figure(pair, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
+    figure(pair, method, "dla_heads")
+    figure(pair, method, "dla_layers")
+    figure(pair, method, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
                               "when that head's output is removed from the final residual stream.")
     st.header("3. Activation patching vs attribution patching")
-    figure(pair, "patch_heads")
-    figure(pair, "atp_heads")
-    figure(pair, "atp_vs_patch")
-    figure(pair, "patch_resid")
-    figure(pair, "atp_resid")
+    figure(pair, method, "patch_heads")
+    figure(pair, method, "atp_heads")
+    figure(pair, method, "atp_vs_patch")
+    figure(pair, method, "patch_resid")
+    figure(pair, method, "atp_resid")
     st.header("4. Logit lens")
-    figure(pair, "logit_lens")
+    figure(pair, method, "logit_lens")
     st.header("5. Attention pattern")
     attention_panel(ln_spec, lnfree_spec, dtype, device, key, pair)
     problem = exporting.image_export_problem()
     if problem:
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
     st.header("6. Summary")
-    summary = summary_frame(pair)
-    st.dataframe(summary, key="summary")
+    summary = summary_rows(pair)
+    st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
-    cols[0].download_button("Summary CSV", summary.to_csv(), "summary.csv", "text/csv", on_click="ignore")
-    cols[1].download_button("Download all (zip)", partial(zip_all, pair, list(plots.FIGURES)),
+    cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
+    cols[1].download_button("Download all (zip)", partial(exporting.bundle, pair, method),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
     st.header("7. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)

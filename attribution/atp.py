@@ -23,22 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from attribution.patching import capture, metric_runs, mlp_name, normaliser, resid_name, z_name
+from attribution import hooks
+from attribution.patching import capture, metric_runs, normaliser, recorder
 from attribution.tasks import Task
 
 CHUNK_ELEMENTS = 2**24  # bound on the [B, H, P, T, T] pattern tensor of the QK fix
-
-
-def q_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_q"
-
-
-def k_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_k"
-
-
-def pattern_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 def _grad_run(bridge, task: Task, names: list[str], star: bool):
@@ -50,12 +39,6 @@ def _grad_run(bridge, task: Task, names: list[str], star: bool):
     def leaf(x, hook):  # makes activations differentiable even if the weights are frozen
         return x.detach().requires_grad_(True)
 
-    def grab(name):  # keyed by the name asked for: TL reports aliases under their canonical name
-        def hook(x, hook):
-            acts[name] = x
-            return x
-        return hook
-
     def drop(i):  # a fresh tensor, so the hook sees only the gradient through this LN (not the skip path)
         def hook(x, hook):
             x = x.clone()
@@ -63,10 +46,10 @@ def _grad_run(bridge, task: Task, names: list[str], star: bool):
             return x
         return hook
 
-    hooks = [("hook_embed", leaf), ("hook_pos_embed", leaf)] + [(n, grab(n)) for n in names]
+    fwd = [(hooks.EMBED, leaf), (hooks.POS_EMBED, leaf)] + [(n, recorder(acts, n, detach=False)) for n in names]
     if star:
-        hooks += [(f"blocks.{i}.{ln}.hook_in", drop(i)) for i in range(L) for ln in ("ln1", "ln2")]
-    metric = metric_runs(bridge, task, task.corrupt, hooks, grad=True).mean()
+        fwd += [(hooks.ln_in(i, ln), drop(i)) for i in range(L) for ln in ("ln1", "ln2")]
+    metric = metric_runs(bridge, task, task.corrupt, fwd, grad=True).mean()
     return metric, acts, keep
 
 
@@ -114,29 +97,29 @@ def attribution_patching(bridge, task: Task, star: bool = True) -> dict[str, tor
     cfg = bridge.cfg
     L, H = cfg.n_layers, cfg.n_heads
     B, T = task.corrupt.shape
-    main = [f(i) for i in range(L) for f in (z_name, resid_name, mlp_name)]
-    qk = [f(i) for i in range(L) for f in (q_name, k_name)]
+    main = [f(i) for i in range(L) for f in (hooks.z, hooks.resid_pre, hooks.mlp_out)]
+    qk = [f(i) for i in range(L) for f in (hooks.q, hooks.k)]
     qk = qk if star else []
     clean_metric, clean = capture(bridge, task.clean, main + qk, task)
-    names = main + (qk + [pattern_name(i) for i in range(L)] if star else [])
+    names = main + (qk + [hooks.pattern(i) for i in range(L)] if star else [])
     metric, acts, keep = _grad_run(bridge, task, names, star)
     norm = normaliser(clean_metric.mean().item(), metric.item())
     delta = {n: clean[n] - acts[n].detach() for n in main + qk}
 
     def estimates(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z = torch.stack([(grads[z_name(i)] * delta[z_name(i)]).sum((0, 3)).T for i in range(L)])  # [L,H,T]
-        r = torch.stack([(grads[resid_name(i)] * delta[resid_name(i)]).sum((0, 2)) for i in range(L)])
-        m = torch.stack([(grads[mlp_name(i)] * delta[mlp_name(i)]).sum((0, 2)) for i in range(L)])
+        z = torch.stack([(grads[hooks.z(i)] * delta[hooks.z(i)]).sum((0, 3)).T for i in range(L)])  # [L,H,T]
+        r = torch.stack([(grads[hooks.resid_pre(i)] * delta[hooks.resid_pre(i)]).sum((0, 2)) for i in range(L)])
+        m = torch.stack([(grads[hooks.mlp_out(i)] * delta[hooks.mlp_out(i)]).sum((0, 2)) for i in range(L)])
         return {"heads_pos": z, "resid": r, "mlp_pos": m}
 
     def star_resid(grads: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         rows = []
         for i in range(L):
-            q_co, k_co = acts[q_name(i)].detach(), acts[k_name(i)].detach()
-            q_cl, k_cl = clean[q_name(i)], clean[k_name(i)]
-            lin_qk = (grads[q_name(i)] * delta[q_name(i)] + grads[k_name(i)] * delta[k_name(i)]).sum((0, 2, 3))
+            q_co, k_co = acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach()
+            q_cl, k_cl = clean[hooks.q(i)], clean[hooks.k(i)]
+            lin_qk = (grads[hooks.q(i)] * delta[hooks.q(i)] + grads[hooks.k(i)] * delta[hooks.k(i)]).sum((0, 2, 3))
             exact = _qk_term(lambda ps, a=(q_co, k_co, q_cl, k_cl): pattern_deltas(*a, ps),
-                             grads[pattern_name(i)], T, B, H)
+                             grads[hooks.pattern(i)], T, B, H)
             rows.append(base[i] - lin_qk + exact)
         return torch.stack(rows)
 

@@ -6,7 +6,8 @@ frozen at the clean run's value:
     DLA(c) = centre(c) / scale . (w_lnf * d),   d = W_U[:, answer] - W_U[:, counterfactual].
 For an LN-free model the "scale" is the constant sigma, so DLA is exact.  The
 true direct effect removes c from the final residual only and recomputes the
-final LN live:  DE(c) = metric(x) - metric(x - c).
+final LN live:  DE(c) = metric(x) - metric(x - c).  Both are computed in float64
+from the cached activations (`effects`, shared with the dataset-level finding).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from attribution import hooks
+from attribution.metric import direction, final_ln, from_resid, unembed_bias
 from attribution.tasks import Task
+
+F64 = torch.float64
 
 
 @dataclass
@@ -35,74 +40,71 @@ class DLAResult:
         return (self.heads.sum((1, 2)) + self.mlp.sum(1) + sum(self.other.values()))
 
 
-def final_ln(bridge) -> torch.nn.Module:
-    """The model's own final LN (nn.LayerNorm, or FixedLayerNorm on LN-free models)."""
-    return bridge.ln_final.original_component
-
-
-def unembed_bias(bridge, task: Task) -> torch.Tensor:
-    b_U = getattr(bridge, "b_U", None)
-    if b_U is None:
-        return torch.zeros(task.answer.shape[0])
-    out = b_U[task.answer]
-    return out - b_U[task.counterfactual] if task.counterfactual is not None else out
-
-
-def metric_from_resid(bridge, task: Task, resid: torch.Tensor) -> torch.Tensor:
-    """Metric [B, ...] from final-residual vectors [B, ..., d] with the final LN computed live."""
-    dirn = task.direction(bridge.W_U)  # [B, d]
-    out = final_ln(bridge)(resid)
-    shape = (dirn.shape[0],) + (1,) * (resid.dim() - 2) + (dirn.shape[1],)
-    bias = unembed_bias(bridge, task).reshape((-1,) + (1,) * (resid.dim() - 2))
-    return (out * dirn.reshape(shape)).sum(-1) + bias
-
-
 def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(-1, keepdim=True)
+
+
+def dla_direction(bridge, scale: torch.Tensor, answer: torch.Tensor, counterfactual: torch.Tensor | None):
+    """u [*A, d] (float64) with DLA(c) = centre(c) . u: the final LN's gain times the metric's
+    unembedding direction, over the frozen scale [*A, 1]."""
+    gain = final_ln(bridge).weight.detach().to(F64)
+    return gain * direction(bridge.W_U, answer, counterfactual).to(F64) / scale.to(F64)
+
+
+def _over(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """x [*A, d] reshaped to [*A, 1 (x extra), d] to broadcast over component dimensions."""
+    return x.reshape(x.shape[:-1] + (1,) * extra + x.shape[-1:])
+
+
+def effects(bridge, resid: torch.Tensor, scale: torch.Tensor, components: torch.Tensor, answer: torch.Tensor,
+            counterfactual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-scale DLA and true direct effect, both float64 [*A, *C], of component vectors [*A, *C, d]
+    that are part of the final residual `resid` [*A, d] with LN scale `scale` [*A, 1]."""
+    c = components.to(F64)
+    extra = c.dim() - resid.dim()
+    u = dla_direction(bridge, scale, answer, counterfactual)
+    dla = (_centre(c) * _over(u, extra)).sum(-1)
+    x = resid.to(F64)
+    metric = from_resid(bridge, x, answer, counterfactual, F64)
+    de = metric.reshape(metric.shape + (1,) * extra) - from_resid(bridge, _over(x, extra) - c, answer,
+                                                                   counterfactual, F64)
+    return dla, de
 
 
 @torch.no_grad()
 def direct_attribution(bridge, cache, task: Task, top_k_neurons: int = 10) -> DLAResult:
     cfg, pos = bridge.cfg, task.position
     L = cfg.n_layers
-    ln = final_ln(bridge)
-    dirn = task.direction(bridge.W_U)                       # [B, d]
-    scale = cache["ln_final.hook_scale"][:, pos]            # [B, 1] frozen (constant sigma when LN-free)
-    u = ln.weight * dirn / scale                            # [B, d]: DLA(c) = centre(c) . u
+    ans, cf = task.answer, task.counterfactual
+    scale = cache[hooks.FINAL_LN_SCALE][:, pos]                                         # [B, 1] frozen
+    u = dla_direction(bridge, scale, ans, cf)                                            # [B, d]
+    z = torch.stack([cache[hooks.z(i)][:, pos] for i in range(L)], 1).to(F64)           # [B, L, H, dh]
+    heads_out = torch.einsum("blhe,lhed->blhd", z, bridge.W_O.detach().to(F64))          # [B, L, H, d]
+    mlp_out = torch.stack([cache[hooks.mlp_out(i)][:, pos] for i in range(L)], 1)      # [B, L, d]
+    resid = cache[hooks.resid_post(L - 1)][:, pos]                                      # [B, d]
+    dla_heads, de_heads = effects(bridge, resid, scale, heads_out, ans, cf)
+    dla_mlp, de_mlp = effects(bridge, resid, scale, mlp_out, ans, cf)
 
-    z = torch.stack([cache[f"blocks.{i}.attn.hook_z"][:, pos] for i in range(L)], 1)  # [B, L, H, dh]
-    heads_out = torch.einsum("blhe,lhed->blhd", z, bridge.W_O)                         # [B, L, H, d]
-    mlp_out = torch.stack([cache[f"blocks.{i}.hook_mlp_out"][:, pos] for i in range(L)], 1)  # [B, L, d]
     B = z.shape[0]
-    vectors = {
-        "embed": cache["hook_embed"][:, pos],
-        "pos_embed": cache["hook_pos_embed"][:, pos],
-        "attn_biases": bridge.b_O.sum(0).expand(B, -1),
-    }
+    vectors = {"embed": cache[hooks.EMBED][:, pos], "pos_embed": cache[hooks.POS_EMBED][:, pos],
+               "attn_biases": bridge.b_O.detach().sum(0).expand(B, -1)}
+    other = {k: (_centre(v.to(F64)) * u).sum(-1) for k, v in vectors.items()}
+    ln = final_ln(bridge)
+    bias = (ln.bias.detach().to(F64) * direction(bridge.W_U, ans, cf).to(F64)).sum(-1)
+    other["final_biases"] = bias + unembed_bias(bridge, ans, cf).to(F64)
 
-    def dla(c: torch.Tensor) -> torch.Tensor:
-        shape = (B,) + (1,) * (c.dim() - 2) + (u.shape[1],)
-        return (_centre(c) * u.reshape(shape)).sum(-1)
-
-    other = {k: dla(v) for k, v in vectors.items()}
-    other["final_biases"] = (ln.bias * dirn).sum(-1) + unembed_bias(bridge, task)
-
-    resid = cache[f"blocks.{L - 1}.hook_resid_post"][:, pos]  # [B, d]
-    metric = metric_from_resid(bridge, task, resid)
-    de_heads = metric[:, None, None] - metric_from_resid(bridge, task, resid[:, None, None] - heads_out)
-    de_mlp = metric[:, None] - metric_from_resid(bridge, task, resid[:, None] - mlp_out)
-
-    post = torch.stack([cache[f"blocks.{i}.mlp.hook_post"][:, pos] for i in range(L)], 1)  # [B, L, n]
-    w_u = torch.einsum("lnd,bd->bln", _centre(bridge.W_out), u)
-    neuron_dla = (post * w_u).mean(0)                                                       # [L, n]
+    post = torch.stack([cache[hooks.mlp_post(i)][:, pos] for i in range(L)], 1).to(F64)  # [B, L, n]
+    w_u = torch.einsum("lnd,bd->bln", _centre(bridge.W_out.detach().to(F64)), u)
+    neuron_dla = (post * w_u).mean(0)                                                   # [L, n]
     k = min(top_k_neurons, neuron_dla.numel())
     idx = neuron_dla.abs().flatten().topk(k).indices
     n_per = neuron_dla.shape[1]
     neurons = [(f"L{int(i) // n_per}N{int(i) % n_per}", float(neuron_dla.flatten()[i])) for i in idx]
 
-    streams = [cache[f"blocks.{i}.hook_resid_pre"][:, pos] for i in range(L)] + [resid]
-    lens = torch.stack([metric_from_resid(bridge, task, s).mean() for s in streams])
-    return DLAResult(dla(heads_out), dla(mlp_out), other, de_heads, de_mlp, neurons, metric, lens)
+    metric = from_resid(bridge, resid, ans, cf, F64)
+    streams = [cache[hooks.resid_pre(i)][:, pos] for i in range(L)] + [resid]
+    lens = torch.stack([from_resid(bridge, s, ans, cf, F64).mean() for s in streams])
+    return DLAResult(dla_heads, dla_mlp, other, de_heads, de_mlp, neurons, metric, lens)
 
 
 def nmae(dla: torch.Tensor, de: torch.Tensor) -> float:

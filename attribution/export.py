@@ -12,15 +12,15 @@ A user's mistake ends in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
-import math
 import sys
+import zipfile
 from pathlib import Path
 
 from attribution.errors import AttributionInputError, ExportUnavailable
 from attribution.report import PairResults, Settings
+from attribution.tables import figure_table, summary_rows, table_csv
 
 FORMATS = ("html", "png", "svg", "csv", "json")
 CHROMIUM_HINT = ("PNG and SVG export needs a Chrome or Chromium browser for kaleido; install Debian's "
@@ -68,104 +68,47 @@ def write_figure(fig, path, fmt: str) -> Path:
     return path
 
 
-def _models(pair: PairResults):
-    return [("ln", pair.ln), ("lnfree", pair.lnfree)]
+def write_text(text: str, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
+def results_json(pair: PairResults) -> str:
+    """Every number of `pair` and its settings as strict JSON (no NaN: missing values are null)."""
+    return json.dumps(pair.to_json(), indent=1, allow_nan=False)
 
 
-def _heads_rows(pair: PairResults) -> list[dict]:
-    rows = []
-    for name, m in _models(pair):
-        L, H = m.dla_heads.shape
-        for i in range(L):
-            for h in range(H):
-                rows.append({"model": name, "spec": m.spec, "layer": i, "head": h,
-                             "dla": _num(m.dla_heads[i, h]), "de": _num(m.de_heads[i, h]),
-                             "patch": _num(m.patch_heads[i, h]), "atp": _num(m.atp_heads[i, h]),
-                             "atpstar": _num(m.atpstar_heads[i, h])})
-    return rows
+def bundle(pair: PairResults, method: str = "atp*") -> bytes:
+    """A zip of every figure (HTML, and PNG/SVG when a browser for kaleido is present) with its CSV,
+    the summary table, and the JSON of all numbers and settings."""
+    from attribution.plots import FIGURES
 
-
-def _resid_rows(pair: PairResults) -> list[dict]:
-    rows = []
-    for name, m in _models(pair):
-        star = m.atpstar_resid if m.atpstar_resid is not None else m.atp_resid * math.nan
-        for i in range(m.patch_resid.shape[0]):
-            for p in range(m.patch_resid.shape[1]):
-                rows.append({"model": name, "spec": m.spec, "layer": i, "position": p, "token": m.str_tokens[p],
-                             "patch": _num(m.patch_resid[i, p]), "atp": _num(m.atp_resid[i, p]),
-                             "atpstar": _num(star[i, p])})
-    return rows
-
-
-def _layer_rows(pair: PairResults) -> list[dict]:
-    rows = []
-    for name, m in _models(pair):
-        for i in range(len(m.dla_mlp)):
-            rows.append({"model": name, "spec": m.spec, "layer": i, "attn_dla": _num(m.dla_heads[i].sum()),
-                         "mlp_dla": _num(m.dla_mlp[i]), "mlp_de": _num(m.de_mlp[i]),
-                         "mlp_patch": _num(m.patch_mlp[i]),
-                         "mlp_atp": _num(m.atp_mlp[i]) if m.atp_mlp is not None else None})
-    return rows
-
-
-def _lens_rows(pair: PairResults) -> list[dict]:
-    rows = []
-    for name, m in _models(pair):
-        L = len(m.logit_lens) - 1
-        for i, v in enumerate(m.logit_lens):
-            stream = f"resid_pre {i}" if i < L else f"resid_post {L - 1}"
-            rows.append({"model": name, "spec": m.spec, "stream": stream, "metric": _num(v)})
-    return rows
-
-
-TABLES = {"dla_heads": _heads_rows, "dla_vs_de": _heads_rows, "patch_heads": _heads_rows, "atp_heads": _heads_rows,
-          "atp_vs_patch": _heads_rows, "dla_layers": _layer_rows, "patch_resid": _resid_rows,
-          "atp_resid": _resid_rows, "logit_lens": _lens_rows}
-
-
-def figure_table(name: str, pair: PairResults) -> list[dict]:
-    """The numbers behind figure `name`, one dict per row (the same columns in every row)."""
-    if name not in TABLES:
-        raise AttributionInputError(f"Unknown figure {name!r}; choose from {', '.join(TABLES)}.")
-    return TABLES[name](pair)
-
-
-def table_csv(rows: list[dict]) -> str:
-    """Rows (dicts with the same keys) as CSV text."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
-    writer.writeheader()
-    writer.writerows(rows)
+    images = image_export_problem() is None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("results.json", results_json(pair))
+        zf.writestr("summary.csv", table_csv(summary_rows(pair)))
+        for name, make in FIGURES.items():
+            fig = make(pair, method)
+            zf.writestr(f"{name}.html", figure_bytes(fig, "html"))
+            zf.writestr(f"{name}.csv", table_csv(figure_table(name, pair)))
+            if images:
+                for fmt in ("png", "svg"):
+                    zf.writestr(f"{name}.{fmt}", figure_bytes(fig, fmt))
     return buf.getvalue()
 
 
-def write_csv(rows: list[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table_csv(rows))
-    return path
-
-
-def write_json(pair: PairResults, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(pair.to_json(), indent=1, allow_nan=False))
-    return path
-
-
-def export(pair: PairResults, figure: str, fmt: str, out) -> list[Path]:
-    """Write `figure` (a FIGURES name or "all") of `pair` in `fmt` under `out`; returns the files written."""
+def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*") -> list[Path]:
+    """Write `figure` (a FIGURES name or "all") of `pair` in `fmt` under `out`, attribution patching shown
+    as `method` ("atp" or "atp*"); returns the files written."""
     from attribution.plots import FIGURES
 
     if fmt not in FORMATS:
         raise AttributionInputError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if fmt == "json":
-        return [write_json(pair, out)]
+        return [write_text(results_json(pair), out)]
     if figure != "all" and figure not in FIGURES:
         raise AttributionInputError(f"Unknown figure {figure!r}; use all or one of {', '.join(FIGURES)}.")
     names = list(FIGURES) if figure == "all" else [figure]
@@ -173,9 +116,9 @@ def export(pair: PairResults, figure: str, fmt: str, out) -> list[Path]:
     paths = [out / f"{n}.{fmt}" for n in names] if figure == "all" else [out]
     for n, p in zip(names, paths, strict=True):
         if fmt == "csv":
-            write_csv(figure_table(n, pair), p)
+            write_text(table_csv(figure_table(n, pair)), p)
         else:
-            write_figure(FIGURES[n](pair), p, fmt)
+            write_figure(FIGURES[n](pair, method), p, fmt)
     return paths
 
 
@@ -212,7 +155,7 @@ def main(argv=None) -> int:
 
     settings = Settings(task=args.task, prompt=args.prompt, answer=args.answer, counterfactual=args.counterfactual,
                         corrupt=args.corrupt, n_prompts=args.n_prompts, seq_len=args.seq_len,
-                        position=args.position, top_k=args.top_k, method=args.method, seed=args.seed,
+                        position=args.position, top_k=args.top_k, seed=args.seed,
                         per_position=not args.no_per_position)
     bar = None
 
@@ -225,12 +168,12 @@ def main(argv=None) -> int:
         bar.update(round(100 * frac) - bar.n)
 
     try:
-        ln, ln_info = load_bridge(args.ln, args.dtype, args.device)
-        lnfree, lnfree_info = load_bridge(args.lnfree, args.dtype, args.device)
-        pair = compare(ln, ln_info, lnfree, lnfree_info, settings, progress)
+        ln = load_bridge(args.ln, args.dtype, args.device)
+        lnfree = load_bridge(args.lnfree, args.dtype, args.device)
+        pair = compare(ln, lnfree, settings, progress)
         if bar is not None:
             bar.close()
-        paths = export(pair, args.figure, args.format, args.out)
+        paths = export(pair, args.figure, args.format, args.out, args.method)
     except (AttributionInputError, ModelSpecError, ExportUnavailable) as err:
         if bar is not None:
             bar.close()

@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from attribution import hooks
 from attribution.errors import AttributionInputError
+from attribution.metric import from_resid
 from attribution.tasks import Task
 
 # A patch: (hook name, index into the activation after the batch dim), e.g. ("blocks.0.attn.hook_z", (p, h)).
@@ -25,19 +27,21 @@ ALL = slice(None)
 def capture(bridge, tokens: torch.Tensor, names: list[str], task: Task | None = None):
     """Logits (or, given `task`, the per-sequence metric) and the named activations of one no-grad pass."""
     acts: dict[str, torch.Tensor] = {}
-
-    def grab(name):  # keyed by the name asked for: TL reports aliases under their canonical name
-        def hook(x, hook):
-            acts[name] = x.detach()
-            return x
-        return hook
-
-    hooks = [(n, grab(n)) for n in names]
+    fwd = [(n, recorder(acts, n)) for n in names]
     if task is not None:
-        return metric_runs(bridge, task, tokens, hooks), acts
+        return metric_runs(bridge, task, tokens, fwd), acts
     with torch.no_grad():
-        logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        logits = bridge.run_with_hooks(tokens, fwd_hooks=fwd)
     return logits, acts
+
+
+def recorder(acts: dict[str, torch.Tensor], name: str, detach: bool = True):
+    """A forward hook that stores its activation in acts[name]: keyed by the name asked for, since
+    TransformerLens reports aliases under their canonical name."""
+    def hook(x, hook):
+        acts[name] = x.detach() if detach else x
+        return x
+    return hook
 
 
 class _Stop(Exception):
@@ -47,8 +51,6 @@ class _Stop(Exception):
 def metric_runs(bridge, task: Task, tokens: torch.Tensor, fwd_hooks: list, grad: bool = False) -> torch.Tensor:
     """Per-sequence metric of a forward pass, read from the final residual at the metric position
     through the model's own final LN: the [batch, T, d_vocab] logits are never formed."""
-    from attribution.dla import metric_from_resid
-
     box = {}
 
     def stop(x, hook):
@@ -57,12 +59,13 @@ def metric_runs(bridge, task: Task, tokens: torch.Tensor, fwd_hooks: list, grad:
 
     with torch.set_grad_enabled(grad):
         try:
-            bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks + [("ln_final.hook_in", stop)])
+            bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks + [(hooks.FINAL_LN_IN, stop)])
         except _Stop:
             pass
         resid = box["resid"]
         reps = resid.shape[0] // task.answer.shape[0]
-        return metric_from_resid(bridge, task, resid.view(reps, -1, resid.shape[-1]).transpose(0, 1)).T.reshape(-1)
+        per_copy = resid.view(reps, -1, resid.shape[-1]).transpose(0, 1)  # [B, reps, d]
+        return from_resid(bridge, per_copy, task.answer, task.counterfactual).T.reshape(-1)
 
 
 def first_difference(task: Task) -> int:
@@ -107,42 +110,31 @@ def run_patches(bridge, task: Task, clean_acts: dict[str, torch.Tensor], patches
             return hook
 
         tokens = task.corrupt.repeat(len(chunk), 1)
-        hooks = [(n, patcher(n, t)) for n, t in by_hook.items()]
-        out.append(metric_runs(bridge, task, tokens, hooks).view(len(chunk), B).mean(1))
+        fwd = [(n, patcher(n, t)) for n, t in by_hook.items()]
+        out.append(metric_runs(bridge, task, tokens, fwd).view(len(chunk), B).mean(1))
         if progress:
             progress(min(1.0, (start + len(chunk)) / len(patches)))
     return torch.cat(out)
-
-
-def resid_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
-
-
-def z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
-def mlp_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_mlp_out"
 
 
 def sweep_patches(cfg, T: int, kind: str) -> tuple[list[Patch], tuple[int, ...]]:
     """The patches of one sweep and the shape of its result."""
     L, H = cfg.n_layers, cfg.n_heads
     if kind == "resid":
-        return [(resid_name(i), (p,)) for i in range(L) for p in range(T)], (L, T)
+        return [(hooks.resid_pre(i), (p,)) for i in range(L) for p in range(T)], (L, T)
     if kind == "heads":
-        return [(z_name(i), (ALL, h)) for i in range(L) for h in range(H)], (L, H)
+        return [(hooks.z(i), (ALL, h)) for i in range(L) for h in range(H)], (L, H)
     if kind == "heads_pos":
-        return [(z_name(i), (p, h)) for i in range(L) for h in range(H) for p in range(T)], (L, H, T)
+        return [(hooks.z(i), (p, h)) for i in range(L) for h in range(H) for p in range(T)], (L, H, T)
     if kind == "mlp":
-        return [(mlp_name(i), (ALL,)) for i in range(L)], (L,)
+        return [(hooks.mlp_out(i), (ALL,)) for i in range(L)], (L,)
     if kind == "mlp_pos":
-        return [(mlp_name(i), (p,)) for i in range(L) for p in range(T)], (L, T)
+        return [(hooks.mlp_out(i), (p,)) for i in range(L) for p in range(T)], (L, T)
     raise ValueError(kind)
 
 
-SWEEP_HOOKS = {"resid": resid_name, "heads": z_name, "heads_pos": z_name, "mlp": mlp_name, "mlp_pos": mlp_name}
+SWEEP_HOOKS = {"resid": hooks.resid_pre, "heads": hooks.z, "heads_pos": hooks.z, "mlp": hooks.mlp_out,
+               "mlp_pos": hooks.mlp_out}
 
 
 def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),

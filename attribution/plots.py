@@ -1,4 +1,8 @@
-"""plotly figures, one function per figure; each comparison is drawn LN | LN-free on one colour scale."""
+"""plotly figures, one function per figure; each comparison is drawn LN | LN-free on one colour scale.
+
+Every figure function takes (pair, method): `method` ("atp" or "atp*") chooses which attribution-patching
+estimate the AtP figures show; it is a view choice, so it changes no computed number.
+"""
 
 from __future__ import annotations
 
@@ -53,12 +57,12 @@ def _metric_name(pair: PairResults) -> str:
     return f"logit({m.answer!r}) - logit({m.counterfactual!r})" if m.counterfactual else f"logit({m.answer!r})"
 
 
-def dla_heads(pair: PairResults) -> go.Figure:
+def dla_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: m.dla_heads, f"Direct logit attribution per head ({pair.settings.task})",
                          "head", colour_title="DLA")
 
 
-def dla_layers(pair: PairResults) -> go.Figure:
+def dla_layers(pair: PairResults, method: str = "atp*") -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=[n for n, _ in _models(pair)], shared_yaxes=True)
     for col, (_, m) in enumerate(_models(pair), start=1):
         layers = [f"L{i}" for i in range(len(m.dla_mlp))]
@@ -71,7 +75,7 @@ def dla_layers(pair: PairResults) -> go.Figure:
     return fig
 
 
-def dla_vs_de(pair: PairResults) -> go.Figure:
+def dla_vs_de(pair: PairResults, method: str = "atp*") -> go.Figure:
     names = [f"{n}<br>NMAE {m.dla_nmae:.2%}" for n, m in _models(pair)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=names)
     for col, (_, m) in enumerate(_models(pair), start=1):
@@ -96,36 +100,33 @@ def _estimate(m: ModelResults, method: str, kind: str) -> np.ndarray:
     return getattr(m, f"{'atpstar' if method == 'atp*' else 'atp'}_{kind}")
 
 
-def _method_name(pair: PairResults) -> str:
-    return "AtP*" if pair.settings.method == "atp*" else "AtP"
+def _method_name(method: str) -> str:
+    return "AtP*" if method == "atp*" else "AtP"
 
 
-def patch_heads(pair: PairResults) -> go.Figure:
+def patch_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: m.patch_heads, "Activation patching per head (all positions), "
                          "normalised (patched - corrupt) / (clean - corrupt)", "head", colour_title="patch")
 
 
-def atp_heads(pair: PairResults) -> go.Figure:
-    method = pair.settings.method
+def atp_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: _estimate(m, method, "heads"),
-                         f"{_method_name(pair)} estimate per head (all positions), normalised", "head",
-                         colour_title=_method_name(pair))
+                         f"{_method_name(method)} estimate per head (all positions), normalised", "head",
+                         colour_title=_method_name(method))
 
 
-def patch_resid(pair: PairResults) -> go.Figure:
+def patch_resid(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: m.patch_resid, "Activation patching of resid_pre (layer x position)",
                          "position", x_labels=lambda m: position_labels(m.str_tokens), colour_title="patch")
 
 
-def atp_resid(pair: PairResults) -> go.Figure:
-    method = pair.settings.method
+def atp_resid(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: _estimate(m, method, "resid"),
-                         f"{_method_name(pair)} estimate of resid_pre patching (layer x position)", "position",
-                         x_labels=lambda m: position_labels(m.str_tokens), colour_title=_method_name(pair))
+                         f"{_method_name(method)} estimate of resid_pre patching (layer x position)", "position",
+                         x_labels=lambda m: position_labels(m.str_tokens), colour_title=_method_name(method))
 
 
-def atp_vs_patch(pair: PairResults) -> go.Figure:
-    method = pair.settings.method
+def atp_vs_patch(pair: PairResults, method: str = "atp*") -> go.Figure:
     key = "atpstar" if method == "atp*" else "atp"
     titles = []
     for name, m in _models(pair):
@@ -146,12 +147,12 @@ def atp_vs_patch(pair: PairResults) -> go.Figure:
         fig.add_trace(go.Scatter(x=[-b, b], y=[-b, b], mode="lines", line=dict(dash="dot", color="grey"),
                                  name="estimate = patch", showlegend=col == 1), row=1, col=col)
         fig.update_xaxes(title_text="activation patching", row=1, col=col)
-        fig.update_yaxes(title_text=_method_name(pair), row=1, col=col)
-    fig.update_layout(title=f"{_method_name(pair)} vs activation patching, per head (all positions)")
+        fig.update_yaxes(title_text=_method_name(method), row=1, col=col)
+    fig.update_layout(title=f"{_method_name(method)} vs activation patching, per head (all positions)")
     return fig
 
 
-def logit_lens(pair: PairResults) -> go.Figure:
+def logit_lens(pair: PairResults, method: str = "atp*") -> go.Figure:
     fig = go.Figure()
     for (name, m), colour in zip(_models(pair), (LN_COLOUR, LNFREE_COLOUR), strict=True):
         L = len(m.logit_lens) - 1
@@ -176,7 +177,7 @@ def attention_figure(pattern_ln, tokens_ln, pattern_lnfree, tokens_lnfree, layer
     return fig
 
 
-FIGURES: dict[str, Callable[[PairResults], go.Figure]] = {
+FIGURES: dict[str, Callable[[PairResults, str], go.Figure]] = {
     "dla_heads": dla_heads,
     "dla_layers": dla_layers,
     "dla_vs_de": dla_vs_de,

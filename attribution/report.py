@@ -7,22 +7,28 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import stats
 
-from attribution import tasks
+from attribution import hooks, tasks
 from attribution.atp import attribution_patching
 from attribution.dla import direct_attribution, nmae
 from attribution.errors import AttributionInputError
 from attribution.patching import activation_patching, capture
 
+if TYPE_CHECKING:
+    from models import LoadedModel
+
 Progress = Callable[[float, str], None] | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
+    """What is computed (the cache key of a result); how it is shown (AtP or AtP*) is the plots' `method`."""
+
     task: str = "induction"          # "induction" | "ioi" | "custom"
     prompt: str = ""
     answer: str = ""
@@ -32,7 +38,6 @@ class Settings:
     seq_len: int = 20                # induction: length of each random copy
     position: int = -1               # metric position (custom task only)
     top_k: int = 10                  # top-k recall k, top-k predictions, top-k neurons
-    method: str = "atp*"             # "atp" | "atp*": which estimate the plots show
     seed: int = 0
     per_position: bool = True        # also patch each head / MLP at each position (L*H*T runs)
 
@@ -129,11 +134,12 @@ def _tok_str(tokenizer, ids) -> list[str]:
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+    return x.detach().double().cpu().numpy()
 
 
-def analyse(bridge, info, settings: Settings, progress: Progress = None) -> ModelResults:
+def analyse(model: LoadedModel, settings: Settings, progress: Progress = None) -> ModelResults:
     """Every result for one model on the task that `settings` describes."""
+    bridge, info = model.bridge, model.info
     def say(f: float, text: str) -> None:
         if progress:
             progress(min(1.0, max(0.0, f)), text)
@@ -202,24 +208,22 @@ def _agreements(r: dict, k: int) -> dict:
     return {"atp": by["heads"]["atp"], "atpstar": by["heads"]["atpstar"], "by_component": by}
 
 
-def compare(ln_bridge, ln_info, lnfree_bridge, lnfree_info, settings: Settings,
-            progress: Progress = None) -> PairResults:
+def compare(ln: LoadedModel, lnfree: LoadedModel, settings: Settings, progress: Progress = None) -> PairResults:
     """`analyse` on both models with the same settings (same prompts when the tokenizers agree)."""
     def half(offset: float):
         return (lambda f, text: progress(offset + f / 2, text)) if progress else None
 
-    ln = analyse(ln_bridge, ln_info, settings, half(0.0))
-    lnfree = analyse(lnfree_bridge, lnfree_info, settings, half(0.5))
-    return PairResults(settings, ln, lnfree)
+    return PairResults(settings, analyse(ln, settings, half(0.0)), analyse(lnfree, settings, half(0.5)))
 
 
-def attention_pattern(bridge, settings: Settings, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
+def attention_pattern(model: LoadedModel, settings: Settings, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
     """One head's attention pattern [T, T] on the first clean prompt, and its token strings."""
+    bridge = model.bridge
     cfg = bridge.cfg
     if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise AttributionInputError(
             f"Head L{layer}H{head} does not exist; the model has {cfg.n_layers} layers x {cfg.n_heads} heads.")
     task = tasks.build(bridge.tokenizer, settings, cfg.n_ctx)
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = hooks.pattern(layer)
     _, acts = capture(bridge, task.clean[:1], [name])
     return _np(acts[name][0, head]), _tok_str(bridge.tokenizer, task.clean[0])

@@ -2,8 +2,8 @@
 
 Every task ends up as a `Task`: equal-length clean and corrupted token batches,
 the answer and counterfactual token per prompt, and the metric position.  The
-metric is logit[answer] - logit[counterfactual] at that position (or the answer
-logit alone when there is no counterfactual), averaged over the batch.
+metric (attribution.metric) is logit[answer] - logit[counterfactual] at that
+position, or the answer logit alone when there is no counterfactual.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from attribution.errors import AttributionInputError
+from attribution.metric import from_logits
 
 # Candidate words; only those that are single tokens (with a leading space) in the model's tokenizer are used.
 NAMES = ["Mary", "John", "James", "David", "Peter", "Paul", "Sarah", "Tom", "Anne", "Mark", "Luke", "Adam",
@@ -41,19 +42,8 @@ class Task:
         """Per-prompt metric [B] from logits [B, T, V] (the batch may be a multiple of B: patch variants)."""
         last = logits[:, self.position]
         reps = last.shape[0] // self.answer.shape[0]
-        ans = self.answer.to(last.device).repeat(reps)
-        out = last.gather(1, ans[:, None])[:, 0]
-        if self.counterfactual is not None:
-            cf = self.counterfactual.to(last.device).repeat(reps)
-            out = out - last.gather(1, cf[:, None])[:, 0]
-        return out
-
-    def direction(self, W_U: torch.Tensor) -> torch.Tensor:
-        """Unembedding direction [B, d_model] whose dot product with ln_final's output is the metric."""
-        d = W_U[:, self.answer].T
-        if self.counterfactual is not None:
-            d = d - W_U[:, self.counterfactual].T
-        return d
+        cf = None if self.counterfactual is None else self.counterfactual.repeat(reps)
+        return from_logits(last, self.answer.repeat(reps), cf)
 
 
 def bos_id(tokenizer) -> int | None:

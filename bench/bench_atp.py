@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from attribution import atp, patching, tasks
+from attribution import atp, hooks, patching, tasks
 from attribution.report import agreement
 
 
@@ -33,10 +33,10 @@ def bench(name: str, bridge, n_prompts: int, seq_len: int, seed: int = 0) -> Non
     t_star = time.perf_counter() - t0
     n_runs = p.numel() - p[..., : patching.first_difference(task)].numel()
     # One patched run on its own (as an unbatched sweep would do it), to extrapolate that sweep's cost.
-    _, clean = patching.capture(bridge, task.clean, [patching.z_name(0)])
-    patching.run_patches(bridge, task, clean, [(patching.z_name(0), (task.position, 0))])
+    _, clean = patching.capture(bridge, task.clean, [hooks.z(0)])
+    patching.run_patches(bridge, task, clean, [(hooks.z(0), (task.position, 0))])
     t0 = time.perf_counter()
-    patching.run_patches(bridge, task, clean, [(patching.z_name(0), (task.position, 0))])
+    patching.run_patches(bridge, task, clean, [(hooks.z(0), (task.position, 0))])
     t_one = time.perf_counter() - t0
     print(f"\n## {name}: {bridge.cfg.n_layers} layers x {bridge.cfg.n_heads} heads, batch {n_prompts} x "
           f"{task.clean.shape[1]} tokens; {n_runs} patched runs (of {p.numel()} head x position patches)")
@@ -82,11 +82,11 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
     for spec in (args.ln, args.lnfree):
         try:
-            bridge, info = load_bridge(spec)
+            model = load_bridge(spec)
         except ModelSpecError as err:
             print(f"\n## {spec}: skipped ({err})")
             continue
-        bench(f"{spec} ({'LN-free' if info.ln_free else 'LN'})", bridge, args.n_prompts, args.seq_len)
+        bench(f"{spec} ({'LN-free' if model.ln_free else 'LN'})", model.bridge, args.n_prompts, args.seq_len)
     if args.gpt2_random:
         bench("random gpt2-small shape", random_gpt2_small(args.ln), args.gpt2_n_prompts, args.gpt2_seq_len)
 

@@ -3,7 +3,7 @@
     python -m bench.bench_removal [--model demo] [--steps 12] [--micro-batch 8] [--n-ctx 256]
     python -m bench.bench_removal --random-init gpt2-xl --mixed-precision bf16   # on a GPU
 
-Both variants run lnfree.trainer's own optimizer step (`Run.advance`) on the same
+Both variants run lnfree.run's own optimizer step (`Run.advance`) on the same
 model, batch and recipe: "plain" is the --keep-ln control (nn.LayerNorm, no aux
 loss); "removal" has FakeLayerNorms, the split ln_1 and the aux loss, timed once
 while every LN is live (sigma statistics collected) and once after every LN is
@@ -34,7 +34,7 @@ from lnfree.recipes import RECIPES, override
 def build_run(args, keep_ln: bool, tmp: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lnfree.trainer import Run
+    from lnfree.run import Run
     from models import load_hf
     from models.registry import GPT2_SHAPES
 
@@ -56,7 +56,8 @@ def build_run(args, keep_ln: bool, tmp: str):
     g = torch.Generator().manual_seed(0)
     chunks = torch.randint(0, vocab, (64 * args.micro_batch, args.n_ctx), generator=g)
     recipe = replace(recipe, spike_factor=float("inf"))
-    cfg = RunConfig(args.random_init or args.model, tmp, recipe.as_dict(), 10**6, keep_ln=keep_ln,
+    cfg = RunConfig(model=args.random_init or args.model, output_dir=tmp, recipe=recipe.as_dict(), max_steps=10**6,
+                    keep_ln=keep_ln,
                     mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
     return Run(cfg, model=model, tokenizer=tok, data=(TrainData(chunks, 0), chunks[:1]))
 

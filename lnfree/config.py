@@ -25,7 +25,7 @@ class Diverged(RuntimeError):
     """Training became unstable; printed as one line, exit code 3."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
     model: str
     output_dir: str
@@ -43,7 +43,6 @@ class RunConfig:
     eval_tokens: int = 262_144
     log_with: str | None = None
     keep_checkpoints: bool = False
-    debug_nan_step: int | None = None  # fault injection for tests: a NaN loss at this step, once
 
     @property
     def recipe_obj(self) -> Recipe:

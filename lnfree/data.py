@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.corpus import load_passages, pack, repeated_spans
+from lnfree.spans import repeated_spans
+from models.corpus import load_passages, pack
 
 OPENWEBTEXT = "Skylion007/openwebtext"
 OPENWEBTEXT_DOCS = 8_013_769  # rows of OpenWebText's train split
@@ -171,7 +172,7 @@ def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None
     """Training data and held-out chunks for `source` (demo / openwebtext / a local path).
 
     With `span_frac` > 0 that fraction of the training chunks are repeated random-token spans
-    (models.corpus.repeated_spans), so that fine-tuning keeps exercising the induction heads;
+    (lnfree.spans.repeated_spans), so that fine-tuning keeps exercising the induction heads;
     the held-out chunks stay text.
     """
     streamed = source in ("openwebtext", "pile-filtered")

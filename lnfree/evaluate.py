@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lnfree.data import DataError, documents, tokenize_chunks
+from lnfree.data import DATASETS, DataError, documents, tokenize_chunks
+from lnfree.quality import induction_losses, token_losses
 from lnfree.remove import EXIT_USER, OneLineParser
 from models import ModelSpecError, load_hf
-from models.quality import induction_losses, token_losses
 from models.registry import demo_name
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, metavar="SPEC")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
-    src.add_argument("--dataset", choices=["openwebtext", "pile-filtered", "demo"])
+    src.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate on (default 262144)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the smallest model context, max 1024)")
     p.add_argument("--batch-size", type=int, default=8)

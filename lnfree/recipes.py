@@ -1,4 +1,4 @@
-"""The paper's removal recipes (arXiv 2507.02559, DESIGN.md) as dataclasses, and removal schedules.
+"""The paper's removal recipes (arXiv 2507.02559) as dataclasses, and removal schedules.
 
 Step numbers count optimizer steps from 1; an LN removed "at step s" is frozen
 just before step s's forward pass.  Within each stage layers go 0, 1, 2, ...
@@ -9,6 +9,7 @@ then ln_f.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 
 from lnfree.fake_ln import fake_ln_names
@@ -16,7 +17,7 @@ from lnfree.fake_ln import fake_ln_names
 TARGET_FRACTION = 0.7  # a compressed schedule removes its last LN by this fraction of the run
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str
     steps: int  # optimizer steps of the full recipe
@@ -37,7 +38,6 @@ class Recipe:
     momentum: float = 0.9  # sigma EMA momentum per micro-batch (the paper's convention)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    release_step: int | None = None  # the paper's released checkpoint (if shorter than `steps`)
     embed_lr_scale: float = 1.0  # learning rate of wte/wpe as a multiple of `lr` (1: the paper)
     span_frac: float = 0.0  # share of training chunks that are repeated random-token spans (0: the paper)
     spike_factor: float = 50.0  # divergence check: stop when the grad norm exceeds this x its running level
@@ -59,37 +59,54 @@ class Recipe:
         return asdict(self)
 
 
-def _paper(name, steps, lr, min_lr, warmup, aux, ln2, qk, v, lnf, gaps, micro, release=None) -> Recipe:
+def _paper(name: str, *, steps: int, lr: float, min_lr: float, warmup: int, aux: float, starts: tuple,
+           gaps: tuple, micro: int) -> Recipe:
+    """A recipe of the paper's table; starts = (ln2, qk, v, ln_f), gaps = (ln2, qk, v)."""
     accum = 2**19 // (micro * 1024)  # 2^19 = 524,288 tokens per optimizer step, as the paper's config
     momentum = 0.9 if micro >= 16 else 0.9 ** (micro / 32)
-    return Recipe(name, steps, lr, min_lr, warmup, aux, ln2, gaps[0], qk, gaps[1], v, gaps[2], lnf,
-                  micro, accum, 1024, momentum, release_step=release)
+    return Recipe(name=name, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup, aux_lambda=aux,
+                  ln2_start=starts[0], ln2_gap=gaps[0], qk_start=starts[1], qk_gap=gaps[1], v_start=starts[2],
+                  v_gap=gaps[2], lnf_step=starts[3], micro_batch=micro, grad_accum=accum, n_ctx=1024,
+                  momentum=momentum)
 
 
+# The paper released gpt2-large and gpt2-xl at steps 600 and 800 of their 1200-step schedules.
 RECIPES: dict[str, Recipe] = {
-    "gpt2": _paper("gpt2", 300, 6e-4, 3e-4, 25, 0.1, 20, 44, 68, 104, (2, 2, 3), 32),
-    "gpt2-medium": _paper("gpt2-medium", 500, 6e-4, 3e-4, 10, 0.1, 20, 68, 116, 188, (2, 2, 3), 16),
-    "gpt2-large": _paper("gpt2-large", 1200, 3e-4, 4e-5, 15, 0.03, 30, 174, 318, 534, (4, 4, 6), 8, 600),
-    "gpt2-xl": _paper("gpt2-xl", 1200, 1e-4, 2e-5, 20, 0.01, 50, 242, 434, 722, (4, 4, 6), 4, 800),
+    "gpt2": _paper("gpt2", steps=300, lr=6e-4, min_lr=3e-4, warmup=25, aux=0.1, starts=(20, 44, 68, 104),
+                   gaps=(2, 2, 3), micro=32),
+    "gpt2-medium": _paper("gpt2-medium", steps=500, lr=6e-4, min_lr=3e-4, warmup=10, aux=0.1,
+                          starts=(20, 68, 116, 188), gaps=(2, 2, 3), micro=16),
+    "gpt2-large": _paper("gpt2-large", steps=1200, lr=3e-4, min_lr=4e-5, warmup=15, aux=0.03,
+                         starts=(30, 174, 318, 534), gaps=(4, 4, 6), micro=8),
+    "gpt2-xl": _paper("gpt2-xl", steps=1200, lr=1e-4, min_lr=2e-5, warmup=20, aux=0.01,
+                      starts=(50, 242, 434, 722), gaps=(4, 4, 6), micro=4),
     # 4 layers, ctx 256, 2 CPU cores (~13 min): every LN gone by step 170 of 300, 921k tokens.  Gentler
     # than the paper's gaps: removing blocks.1's ln_1 v path blows the residual up for a few steps (a
     # ~1e7x gradient-norm spike that clipping and the aux loss repair), hence the lax spike check.  A
     # quarter of the chunks are repeated random spans so that the induction heads stay in use, and the
-    # embeddings train at 10x the lr, as in the demo's pretraining (models/pretrain_demo.py).
-    "demo": Recipe("demo", 300, 6e-4, 3e-4, 10, 0.1, 20, 6, 48, 6, 80, 20, 170, micro_batch=12, grad_accum=1,
+    # embeddings train at 10x the lr, as in the demo's pretraining (models/demo_training).
+    "demo": Recipe(name="demo", steps=300, lr=6e-4, min_lr=3e-4, warmup=10, aux_lambda=0.1, ln2_start=20, ln2_gap=6,
+                   qk_start=48, qk_gap=6, v_start=80, v_gap=20, lnf_step=170, micro_batch=12, grad_accum=1,
                    n_ctx=256, momentum=0.9, embed_lr_scale=10.0, span_frac=0.25, spike_factor=1e9),
 }
 MODEL_RECIPE = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
                 "gpt2-xl": "gpt2-xl", "demo": "demo"}
-RECIPE_FIELDS = {f.name: f.type for f in fields(Recipe) if f.name != "name"}
+_HINTS = typing.get_type_hints(Recipe)
+RECIPE_FIELDS: dict[str, type] = {f.name: _HINTS[f.name] for f in fields(Recipe) if f.name != "name"}
+BY_DEPTH = {12: "gpt2", 24: "gpt2-medium", 36: "gpt2-large", 48: "gpt2-xl", 4: "demo"}
 
 
-def recipe_for_model(spec: str, n_layer: int | None = None) -> str:
-    """The default recipe of a model spec: its own, else by depth (12/24/36/48 layers), else gpt2."""
+def recipe_for_model(spec: str, n_layer: int | None = None) -> tuple[str, str | None]:
+    """The default recipe of a model spec: its own, else by depth (12/24/36/48 layers), else gpt2; and,
+    for a model of known depth without a recipe of its own, a note saying which was chosen and why."""
     if spec in MODEL_RECIPE:
-        return MODEL_RECIPE[spec]
-    by_depth = {12: "gpt2", 24: "gpt2-medium", 36: "gpt2-large", 48: "gpt2-xl", 4: "demo"}
-    return by_depth.get(n_layer or 0, "gpt2")
+        return MODEL_RECIPE[spec], None
+    name = BY_DEPTH.get(n_layer or 0, "gpt2")
+    if n_layer is None:  # an unknown spec: loading it will say so
+        return name, None
+    why = f"chosen by its depth of {n_layer} layers" if n_layer in BY_DEPTH else \
+        f"no recipe is made for {n_layer} layers"
+    return name, f"{spec!r} has no recipe of its own; using the {name} recipe ({why}); choose one with --recipe."
 
 
 def override(recipe: Recipe, **values) -> Recipe:

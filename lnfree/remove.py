@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lnfree.config import EXIT_DIVERGED, EXIT_USER, RUN_CONFIG, Diverged, RunConfig, UserError
+from lnfree.data import DATASETS
 from lnfree.recipes import RECIPE_FIELDS, RECIPES, override, recipe_for_model, schedule
 from models.registry import shape_of
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="shorter than the recipe: the schedule is compressed")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
-    src.add_argument("--dataset", choices=["openwebtext", "pile-filtered", "demo"])
+    src.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
@@ -56,10 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--num-processes", type=int, default=1,
                    help="for --dry-run only: the number of devices to plan for")
-    p.add_argument("--debug-nan-step", type=int, help=argparse.SUPPRESS)
     rec = p.add_argument_group("recipe overrides (default: the recipe's value)")
-    for name, typ in RECIPE_FIELDS.items():
-        kind = float if "float" in str(typ) else int
+    for name, kind in RECIPE_FIELDS.items():
         rec.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=f"r_{name}", metavar=name.upper(),
                          help=RECIPE_HELP.get(name))
     return p
@@ -71,10 +70,7 @@ def config_from_args(args) -> RunConfig:
     if args.resume and (out / "run.json").exists():
         raise UserError(f"The run in {out} is already finished; see {out / 'run.json'}.")
     if args.resume and saved.exists():
-        saved_cfg = json.loads(saved.read_text())
-        if "spike_factor" in saved_cfg:  # written before the spike factor became a recipe field
-            saved_cfg["recipe"]["spike_factor"] = saved_cfg.pop("spike_factor")
-        cfg = RunConfig(**saved_cfg)
+        cfg = RunConfig(**older_run_config(json.loads(saved.read_text())))
         cfg.output_dir = str(out)
         return cfg
     if not args.model:
@@ -83,19 +79,31 @@ def config_from_args(args) -> RunConfig:
         raise UserError(f"{out} already holds another run; pass --resume to continue it or choose another "
                         f"--output-dir.")
     shape = shape_of(args.model)
-    name = args.recipe or recipe_for_model(args.model, shape.n_layer if shape else None)
+    name, note = (args.recipe, None) if args.recipe else recipe_for_model(args.model, shape.n_layer if shape else None)
     values = {k: getattr(args, f"r_{k}") for k in RECIPE_FIELDS}
     try:
         recipe = override(RECIPES[name], **values)
     except TypeError as err:
         raise UserError(f"Bad recipe override: {err}.") from None
     max_steps = args.max_steps if args.max_steps is not None else recipe.steps
-    cfg = RunConfig(args.model, str(out), recipe.as_dict(), max_steps, args.data, args.dataset, args.seed,
-                    args.save_every, args.keep_ln, args.mixed_precision, args.fsdp, args.gradient_checkpointing,
-                    args.auto_recover, args.eval_tokens, args.log_with, args.keep_checkpoints,
-                    args.debug_nan_step)
+    cfg = RunConfig(model=args.model, output_dir=str(out), recipe=recipe.as_dict(), max_steps=max_steps,
+                    data=args.data, dataset=args.dataset, seed=args.seed, save_every=args.save_every,
+                    keep_ln=args.keep_ln, mixed_precision=args.mixed_precision, fsdp=args.fsdp,
+                    gradient_checkpointing=args.gradient_checkpointing, auto_recover=args.auto_recover,
+                    eval_tokens=args.eval_tokens, log_with=args.log_with, keep_checkpoints=args.keep_checkpoints)
     validate(cfg)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return cfg
+
+
+def older_run_config(saved: dict) -> dict:
+    """A run_config.json written by an earlier version, in today's form, so that a killed run resumes."""
+    if "spike_factor" in saved:  # before the spike factor became a recipe field
+        saved["recipe"]["spike_factor"] = saved.pop("spike_factor")
+    saved.pop("debug_nan_step", None)  # a test hook, no longer a field
+    saved["recipe"].pop("release_step", None)  # unused, removed
+    return saved
 
 
 def validate(cfg: RunConfig) -> None:

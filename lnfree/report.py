@@ -8,7 +8,7 @@ import statistics
 import torch
 import transformers
 
-PAPER_CE = {  # OpenWebText validation CE: original / vanilla fine-tune / LN-free (DESIGN.md)
+PAPER_CE = {  # OpenWebText validation CE: original / vanilla fine-tune / LN-free
     "gpt2": (3.1006, 3.0126, 3.0797), "gpt2-medium": (2.8145, 2.7390, 2.7642),
     "gpt2-large": (2.6623, 2.6240, 2.6384), "gpt2-xl": (2.5567, 2.4799, 2.5052),
 }

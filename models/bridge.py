@@ -44,3 +44,4 @@ def bridge_from_hf(model, tokenizer, name: str = "model") -> TransformerBridge:
             module.__class__ = FixedScaleNormBridge
     bridge.eval()
     return bridge
+

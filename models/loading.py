@@ -12,11 +12,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from models import registry
 from models.ln_free import is_ln_free_config, make_exact
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
@@ -42,6 +46,36 @@ class ModelInfo:
         """The spec this model is compared with: its LN-free twin or its LN base."""
         return self.base if self.ln_free else registry.lnfree_twin(self.spec)
 
+    def ln_base(self) -> str:
+        """The LN model this one was made from (recorded by lnfree.remove, or a known pair)."""
+        if not self.base:
+            raise ModelSpecError(f"{self.spec!r} records no base model; enter the LN model to compare it with.")
+        return self.base
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded for analysis: its TransformerBridge, what was loaded (ModelInfo) and its shape."""
+
+    bridge: TransformerBridge  # (models.bridge; not imported here: importing TransformerLens is slow)
+    info: ModelInfo
+
+    @property
+    def spec(self) -> str:
+        return self.info.spec
+
+    @property
+    def ln_free(self) -> bool:
+        return self.info.ln_free
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    @property
+    def shape(self) -> registry.Shape:
+        return registry.Shape.from_config(self.info.config)
+
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -59,7 +93,7 @@ def resolve(spec: str) -> Path:
     if spec in registry.DEMO_DIRS:
         path = registry.DEMO_DIRS[spec]
         if not (path / "model.safetensors").exists():
-            how = ("python -m models.pretrain_demo" if spec == "demo"
+            how = ("python -m models.demo_training.pretrain" if spec == "demo"
                    else "python -m lnfree.remove --model demo --output-dir models/demo-lnfree")
             raise ModelSpecError(f"`{spec}` is not built yet; build it with `{how}`.")
         return path
@@ -181,8 +215,8 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg)
 
 
-def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load `spec` as (TransformerBridge, ModelInfo) for analysis.
+def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load `spec` as a LoadedModel (TransformerBridge and ModelInfo) for analysis.
 
     For LN-free models every normalisation component of the bridge computes the
     exact linear map, and its hook_scale is the constant sigma.
@@ -190,4 +224,4 @@ def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "
     from models.bridge import bridge_from_hf
 
     model, tokenizer, info = load_hf(spec, dtype, device)
-    return bridge_from_hf(model, tokenizer, info.spec), info
+    return LoadedModel(bridge_from_hf(model, tokenizer, info.spec), info)

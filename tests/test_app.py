@@ -46,11 +46,11 @@ def metric(at: AppTest, label: str) -> str:
 def test_default_view_shows_demo_pair_numbers():
     at = app().run()
     assert_complete(at)
-    ln, ln_info = load_bridge("demo")
-    lf, lf_info = load_bridge("demo-lnfree")
+    ln = load_bridge("demo")
+    lf = load_bridge("demo-lnfree")
     from attribution.tasks import PRESET
 
-    pair = compare(ln, ln_info, lf, lf_info, Settings(task="custom", **PRESET))
+    pair = compare(ln, lf, Settings(task="custom", **PRESET))
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
     assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)") == f"{pair.lnfree.dla_nmae:.2e}"
     assert pair.lnfree.dla_nmae < 1e-5
@@ -117,8 +117,8 @@ def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     at.button(key="findings_run").click().run()
     assert not at.exception and not at.error
     shown = next(d.value for d in at.main.dataframe if "paper" in d.value.columns)
-    ln, _ = load_bridge(str(tiny_ln_dir))
-    lf, _ = load_bridge(str(tiny_lnfree_dir))
+    ln = load_bridge(str(tiny_ln_dir)).bridge
+    lf = load_bridge(str(tiny_lnfree_dir)).bridge
     tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, 4) for b in (ln, lf)]
     expected = summary_table(compare_findings(ln, lf, *tokens))
     assert shown["metric"].tolist() == [r["metric"] for r in expected]

@@ -24,7 +24,8 @@ def lnfree_dir(tmp_path_factory, tokenizer):
 
 class Setup:
     def __init__(self, path, tokenizer, kind: str):
-        self.bridge, self.info = load_bridge(str(path))
+        loaded = load_bridge(str(path))
+        self.bridge, self.info = loaded.bridge, loaded.info
         self.hf, _, _ = load_hf(str(path))  # a separate copy: the bridge rewires its own model
         self.task = tasks.induction(tokenizer, 3, 6, 64, seed=1) if kind == "induction" else \
             tasks.ioi(tokenizer, 3, 64, seed=1)
@@ -91,8 +92,8 @@ def test_bridge_matches_hf(setup):
 def test_dla_sums_to_metric(setup):
     metric, _ = setup.capture(setup.task.clean)
     assert metric.abs().max() > 1e-3  # a real signal, not a trivially small one
-    torch.testing.assert_close(setup.dla.total, metric, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(setup.dla.metric, metric, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(setup.dla.total, metric, atol=1e-5, rtol=1e-4, check_dtype=False)
+    torch.testing.assert_close(setup.dla.metric, metric, atol=1e-5, rtol=1e-4, check_dtype=False)
 
 
 def test_dla_per_head_matches_frozen_scale_formula(setup):
@@ -108,7 +109,7 @@ def test_dla_per_head_matches_frozen_scale_formula(setup):
         for h in range(setup.H):
             c = setup.head_out(acts[("z", i)], i, h)[:, t.position]
             expect = ((c - c.mean(-1, keepdim=True)) / scale * ln.weight * dirn).sum(-1)
-            torch.testing.assert_close(setup.dla.heads[:, i, h], expect, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(setup.dla.heads[:, i, h], expect, atol=1e-5, rtol=1e-4, check_dtype=False)
 
 
 def test_direct_effect_by_surgery_on_final_residual(setup):
@@ -127,9 +128,9 @@ def test_direct_effect_by_surgery_on_final_residual(setup):
         for h in range(setup.H):
             c = setup.head_out(acts[("z", i)], i, h)[:, t.position]
             de = metric - setup.run(t.clean, [(ln_f, remove(c))])
-            torch.testing.assert_close(setup.dla.de_heads[:, i, h], de, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(setup.dla.de_heads[:, i, h], de, atol=2e-5, rtol=1e-4, check_dtype=False)
         de = metric - setup.run(t.clean, [(ln_f, remove(acts[("mlp", i)][:, t.position]))])
-        torch.testing.assert_close(setup.dla.de_mlp[:, i], de, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(setup.dla.de_mlp[:, i], de, atol=2e-5, rtol=1e-4, check_dtype=False)
 
 
 def test_nmae_exact_only_without_ln(setup):

@@ -29,10 +29,10 @@ SMALL = ["--task", "induction", "--n-prompts", "2", "--seq-len", "4", "--no-per-
 
 @pytest.fixture(scope="module")
 def pair(tiny_ln_dir, tiny_lnfree_dir):
-    ln, ln_info = load_bridge(str(tiny_ln_dir))
-    lnfree, lnfree_info = load_bridge(str(tiny_lnfree_dir))
+    ln = load_bridge(str(tiny_ln_dir))
+    lnfree = load_bridge(str(tiny_lnfree_dir))
     seen = []
-    result = compare(ln, ln_info, lnfree, lnfree_info, Settings(n_prompts=2, seq_len=4),
+    result = compare(ln, lnfree, Settings(n_prompts=2, seq_len=4),
                      lambda f, text: seen.append(f))
     assert seen == sorted(seen) and seen[-1] == 1.0  # progress is monotone and finishes
     return result, ln, lnfree
@@ -163,9 +163,8 @@ def test_custom_without_corrupt_has_dla_but_no_patching(pair):
     from attribution.report import PairResults
 
     _, ln, _ = pair
-    info = type("Info", (), {"spec": "tiny", "ln_free": False})()
     s = Settings(task="custom", prompt="When Mary and John went", answer=" to")
-    r = analyse(ln, info, s)
+    r = analyse(ln, s)
     assert np.isnan(r.patch_heads).all() and np.isnan(r.atp_heads).all() and math.isnan(r.metric_corrupt)
     total = r.dla_heads.sum() + r.dla_mlp.sum() + sum(r.dla_other.values())
     assert total == pytest.approx(r.metric_clean, abs=1e-5)

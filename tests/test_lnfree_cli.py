@@ -115,10 +115,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, baseline, tiny
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "run.json").exists()
     # Resume also reads a run_config.json written before the spike factor, span fraction and embedding
-    # LR scale were recipe fields.
+    # LR scale were recipe fields, and with the fields removed since (release_step, debug_nan_step).
     saved = json.loads((out / "run_config.json").read_text())
     saved["spike_factor"] = saved["recipe"].pop("spike_factor")
     del saved["recipe"]["span_frac"], saved["recipe"]["embed_lr_scale"]
+    saved["recipe"]["release_step"], saved["debug_nan_step"] = None, None
     (out / "run_config.json").write_text(json.dumps(saved))
     remove("--output-dir", out, "--resume", "--threads", 1)
     a = json.loads((baseline / "run.json").read_text())
@@ -148,10 +149,26 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_ln_dir, text_data):
     assert [r["ce"] for r in rb] == pytest.approx([r["ce"] for r in ra], abs=2e-3)
 
 
+# `python -m lnfree.remove` with a fault injected by monkeypatching the run: step 12's loss is NaN, once.
+NAN_AT_STEP_12 = [sys.executable, "-c", """
+import sys
+from lnfree import run
+step_once = run.Run.train_step
+def train_step(self, step):
+    m = step_once(self, step)
+    if step == 12 and not getattr(run, "nan_injected", False):
+        run.nan_injected = True
+        m["loss"] = float("nan")
+    return m
+run.Run.train_step = train_step
+from lnfree.remove import main
+sys.exit(main(sys.argv[2:]))
+"""]
+
+
 def test_divergence_stops_cleanly_or_rolls_back(tmp_path, tiny_ln_dir, text_data):
-    args = ["--model", tiny_ln_dir, "--data", text_data, "--save-every", 3, *TRAIN, "--max-steps", 16,
-            "--debug-nan-step", 12]
-    stop = remove("--output-dir", tmp_path / "stop", *args, check=False)
+    args = ["--model", tiny_ln_dir, "--data", text_data, "--save-every", 3, *TRAIN, "--max-steps", 16]
+    stop = remove("--output-dir", tmp_path / "stop", *args, check=False, launcher=NAN_AT_STEP_12)
     lines = stop.stderr.strip().splitlines()
     assert stop.returncode == 3 and "Traceback" not in stop.stderr
     assert "step 12: the loss became nan" in lines[-1] and "step-000009" in lines[-1]
@@ -159,7 +176,7 @@ def test_divergence_stops_cleanly_or_rolls_back(tmp_path, tiny_ln_dir, text_data
     # Checkpoints at 3, 6, 9: the last two are kept.
     kept = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir())
     assert kept == ["step-000006", "step-000009"]
-    remove("--output-dir", tmp_path / "rec", *args, "--auto-recover")
+    remove("--output-dir", tmp_path / "rec", *args, "--auto-recover", launcher=NAN_AT_STEP_12)
     run = json.loads((tmp_path / "rec" / "run.json").read_text())
     assert run["recoveries"] == 1 and run["lr_scale"] == 0.5 and run["steps"] == 16
     events = [json.loads(x) for x in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
@@ -182,7 +199,7 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
     assert "CE by position" in proc.stdout and "16-63" in proc.stdout
     # Independent check: transformers' own loss on the same held-out text.
     from lnfree.data import documents
-    from models.quality import induction_losses  # its slicing is checked in test_models
+    from lnfree.quality import induction_losses  # its slicing is checked in test_models
 
     tok = AutoTokenizer.from_pretrained(tiny_ln_dir)
     stream = []
@@ -232,13 +249,13 @@ def test_dry_run_plans_gpt2_xl_without_weights():
 
 def test_dry_run_knows_released_shapes_and_the_demo_by_path(tmp_path):
     """An LN-free hub release plans from its known shape (no download); models/demo by path is the demo."""
-    out = remove("--model", "schaeff/gpt2-small_LNFree300", "--output-dir", tmp_path / "a", "--dry-run").stdout
-    assert "12 layers" in out
+    proc = remove("--model", "schaeff/gpt2-small_LNFree300", "--output-dir", tmp_path / "a", "--dry-run")
+    assert "12 layers" in proc.stdout and "note: " in proc.stderr and "the gpt2 recipe" in proc.stderr
     from lnfree.config import RunConfig
     from models.registry import MODELS_DIR
 
-    assert RunConfig(str(MODELS_DIR / "demo"), str(tmp_path / "b"), {}, 1).source == "demo"
-    assert RunConfig("gpt2", str(tmp_path / "c"), {}, 1).source == "openwebtext"
+    assert RunConfig(model=str(MODELS_DIR / "demo"), output_dir=str(tmp_path / "b"), recipe={}, max_steps=1).source == "demo"
+    assert RunConfig(model="gpt2", output_dir=str(tmp_path / "c"), recipe={}, max_steps=1).source == "openwebtext"
     # lnfree.evaluate's default data: the demo corpus when every model is a demo model, by name or path.
     from types import SimpleNamespace as NS
 

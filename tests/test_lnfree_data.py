@@ -47,7 +47,7 @@ def test_batches_are_a_function_of_the_step_only():
 
 
 def test_span_frac_mixes_repeated_spans_into_training_only(tmp_path, tokenizer):
-    from models.corpus import induction_targets
+    from lnfree.spans import induction_targets
 
     text = tmp_path / "t.jsonl"
     text.write_text("\n".join(json.dumps({"text": f"row {i} " * 40}) for i in range(60)) + "\n")

@@ -1,4 +1,4 @@
-"""Recipes and removal schedules against DESIGN.md's table of the paper's values."""
+"""Recipes and removal schedules against the paper's table of values (arXiv 2507.02559)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,25 @@ def test_xl_memory_estimate_is_realistic():
     sharded = estimate_memory(shape, r, "bf16", world=8, fsdp=True, grad_ckpt=True)
     assert sharded.states == pytest.approx(16 * shape.params / 8 + 2 * shape.params)
     assert sharded.total < mem.total / 2
+
+
+def test_recipe_by_depth_says_so():
+    from lnfree.recipes import recipe_for_model
+
+    assert recipe_for_model("gpt2-xl", 48) == ("gpt2-xl", None)
+    name, note = recipe_for_model("/my/ckpt", 24)
+    assert name == "gpt2-medium" and "depth of 24 layers" in note and "--recipe" in note
+    name, note = recipe_for_model("/my/ckpt", 7)
+    assert name == "gpt2" and "no recipe is made for 7 layers" in note
+    assert recipe_for_model("no-such-model", None) == ("gpt2", None)  # loading it will explain
+
+
+def test_recipe_and_run_config_are_keyword_only():
+    from lnfree.config import RunConfig
+    from lnfree.recipes import RECIPE_FIELDS, Recipe
+
+    with pytest.raises(TypeError):
+        Recipe("x", 300)
+    with pytest.raises(TypeError):
+        RunConfig("gpt2", "out", {}, 1)
+    assert RECIPE_FIELDS["steps"] is int and RECIPE_FIELDS["lr"] is float and RECIPE_FIELDS["span_frac"] is float

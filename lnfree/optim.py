@@ -1,4 +1,4 @@
-"""AdamW parameter groups for GPT-2 training (the demo's pretraining and LN removal share them)."""
+"""AdamW parameter groups for GPT-2 training (LN removal and the demo's pretraining share them)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plotly figures for attribution.findings: each takes the compare_findings dict, LN | LN-free side by side.
+"""Plotly figures of the findings: each takes the compare_findings dict, LN | LN-free side by side.
 
 Both panels of a figure share their axes (or colour scale), so heights and
 colours compare directly between the two models.

@@ -1,4 +1,4 @@
-"""Plumbing shared by attribution.findings: token checks, memory-sized batches, progress, held-out text.
+"""Plumbing shared by the findings: token checks, memory-sized batches, progress, held-out text.
 
 Progress callbacks take (fraction in [0, 1], text); a `should_stop()` that
 returns True ends the loop with AnalysisCancelled.
@@ -30,18 +30,13 @@ class AnalysisCancelled(Exception):
     """Raised when `should_stop()` returned True; the partial work is discarded."""
 
 
-def cfg_of(bridge):
-    c = bridge.cfg
-    return c.n_layers, c.n_heads, c.d_model, c.d_mlp, c.n_ctx, c.d_vocab
-
-
 def _device(bridge) -> torch.device:
     return bridge.W_U.device
 
 
 def check_tokens(bridge, tokens: torch.Tensor) -> torch.Tensor:
     """Validate held-out chunks [N, T] for `bridge` and move them to its device."""
-    _, _, _, _, n_ctx, vocab = cfg_of(bridge)
+    n_ctx, vocab = bridge.cfg.n_ctx, bridge.cfg.d_vocab
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
         raise FindingsInputError("Tokens must be a 2-D integer tensor [n_seq, seq_len]; use heldout_tokens().")
     if tokens.shape[0] < 1 or tokens.shape[1] < 2:
@@ -64,8 +59,9 @@ def batch_size(bridge, seq_len: int, floats_per_token: int = 0) -> int:
     """
     from models.loading import available_bytes
 
-    L, H, d, d_mlp, _, vocab = cfg_of(bridge)
-    per_token = 4 * vocab + 3 * d_mlp + (12 + 2 * L) * d + 2 * H * seq_len + floats_per_token
+    c = bridge.cfg
+    per_token = 4 * c.d_vocab + 3 * c.d_mlp + (12 + 2 * c.n_layers) * c.d_model + 2 * c.n_heads * seq_len \
+        + floats_per_token
     per_seq = 4 * seq_len * per_token
     device = _device(bridge)
     free = available_bytes(str(device) if device.type == "cuda" else "cpu")

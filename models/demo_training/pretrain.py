@@ -1,69 +1,13 @@
 """Train the embedded demo model (`demo`) from scratch on the embedded corpus.
 
-    python -m models.pretrain_demo [--out models/demo]
+    python -m models.demo_training.pretrain [--out models/demo]
 
-Trains a byte-level BPE tokenizer (8192 tokens, `<|endoftext|>` as EOT) on the
-train split, then a 4-layer GPT-2 (d_model 256, 4 heads, n_ctx 256) with AdamW,
-with a fixed seed.  Writes a Hugging Face directory (safetensors + tokenizer.json)
-and `training.json` with held-out cross-entropy and induction losses (and a
-16-sequence probe every 50 steps).  The defaults reproduce the shipped model (73 min
-on 2 CPU cores), a recipe that gives this architecture induction heads:
-
-1. 1,500 steps of repeated random spans only (EOT + a span of 5-25 tokens over the
-   whole vocabulary, repeated to fill 64 tokens), constant lr 3e-3, trained only on the
-   targets induction can predict (`--repeats-only`).  The embeddings (token and
-   position) start at std 1 and the final LN's gain at 0.004 instead of transformers'
-   0.02 and 1.
-2. 1,000 text steps (cosine 1e-3 -> 1e-4), with 8 of the 32 rows repeated spans of
-   5-100 tokens, the embeddings at 10x the scheduled lr (Adam moves each weight by ~lr
-   a step, so std-1 embeddings take ~50x longer than std-0.02 ones to take on the
-   text's structure).
-Result: held-out CE 4.738; second copy 2.95 vs first 11.51 (64 x 50 tokens; 0.47 vs
-11.47 on 20-token spans): real induction heads.  Without step 2's embedding lr (and with
-800 text steps) held-out CE was 5.61 (second copy 6.37 vs 11.86).  The model shipped
-before (text only, 800 steps, transformers' initialisation) reached 4.253 but had no
-induction (12.35 -> 12.27).
-
-Its LN-free twin (`lnfree.remove`'s `demo` recipe) needed three changes from the
-paper's schedule, found on this model:
-- Removing blocks.1's ln_1 v path blows the residual up ~1000x for a step (in the model
-  before fine-tuning, with the LNs before it removed, the mean std at the ln_f input goes
-  from 25 to ~18,000; early positions, whose attention averages few tokens, have 2-4x
-  the typical std).  With the paper's gaps (v paths 3 steps apart, ln_f at step 48) the
-  run diverges; 20 steps between v paths and a lax spike check let clipping and the aux
-  loss repair each blow-up within ~5 steps.
-- Trained on text alone, the twin loses the induction heads (9.62 -> 8.09, against
-  10.93 -> 3.53 for the vanilla control): a quarter of the removal chunks are repeated
-  random spans (`--span-frac 0.25`), which keeps them (9.53 -> 2.93).
-- The embeddings train at 10x the lr, as here.
-Even so LN-free minus vanilla is +0.153 held-out CE (goal +0.05): most of it at the
-first positions of each 256-token chunk (README).  Variants that did not narrow it, all
-300 steps on an earlier form of the span data (a .jsonl of the corpus plus documents of
-decoded repeated spans, embeddings at 1x; LN-free minus vanilla +0.130 there): the aux
-loss averaged over every LN's input instead of ln_f's only (+0.128), aux lambda 1.0
-(+0.133), position 0 and EOT left out of the aux loss (+0.130), no aux loss (+0.144).
-
-Continuing from that earlier text-only model instead (`--init-from`; 800 span-only steps
-of 5-25-token spans at lr 1e-3, then 150 text steps at 3e-4 -> 1e-4; 17 min): induction
-only begins (9.80 -> 8.95 at 50 tokens, 10.19 -> 7.79 at 20) and the span-only steps cost
-the text: held-out CE 5.38, which 150 text steps do not win back.
-
-Why induction takes all that (16 x 50-token probes unless said; uniform is 9.01):
-- With transformers' initialisation there were none: from text only (the model shipped before),
-  from spans continuing from the text-trained weights, from spans mixed into the text
-  from step 0, or from span-only curricula with sinusoidal position embeddings, in up
-  to 1,450 steps.  Spans of one fixed length (50) did drop the second copy to 3.5, but
-  that vanished within 50 steps of other lengths: a positional shortcut ("copy the
-  token 49 back") that a fixed-length probe cannot tell from induction.  Train on
-  varied lengths and probe at more than one.
-- `python -m models.induction_toy` (its docstring has the runs) found three obstacles:
-  LayerNorm with GPT-2's 0.02 embedding initialisation (fixed by the initialisation
-  above), the 8,192-token output vocabulary (the toy needs ~2,400 span steps at 8,192
-  tokens against ~100 at 64), and, in this deeper architecture with MLPs, training on
-  the first copy of each span: it is random, and its gradient is noise on embeddings
-  that each appear ~0.25 times per batch.  With the first copy in the loss this
-  architecture stayed at 9.0 on both copies for 2,675 span steps; with `--repeats-only`
-  it forms the heads in stage 1 above.
+Trains a byte-level BPE tokenizer (8192 tokens, `<|endoftext|>` as EOT) on the train
+split, then a 4-layer GPT-2 (d_model 256, 4 heads, n_ctx 256) with AdamW and a fixed
+seed: first span-only steps on repeated random tokens (which form the induction heads),
+then text with a share of span rows.  Writes a Hugging Face directory and
+`training.json` (held-out CE, induction losses).  The defaults reproduce the shipped
+model (73 min on 2 CPU cores); NOTES.md beside this file has the runs behind them.
 """
 
 from __future__ import annotations
@@ -81,12 +25,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from models.corpus import load_passages, next_token_targets, pack, repeated_spans
-from models.param_groups import adamw_groups
-from models.quality import induction_losses, token_losses
+from lnfree.optim import adamw_groups
+from lnfree.quality import induction_losses, token_losses
+from lnfree.spans import next_token_targets, repeated_spans
+from models.corpus import load_passages, pack
+from models.registry import DEMO_DIRS
 
 EOT = "<|endoftext|>"
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = DEMO_DIRS["demo"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -140,7 +86,7 @@ def init_demo(model: GPT2LMHeadModel, embed_std: float | None = None, final_ln_g
 def parser() -> argparse.ArgumentParser:
     """The script's flags; their defaults reproduce the shipped model (its training.json records them)."""
     # No abbreviated flags: main() looks for the initialisation flags by their full names.
-    ap = argparse.ArgumentParser(prog="python -m models.pretrain_demo", description="Train the embedded demo model.",
+    ap = argparse.ArgumentParser(prog="python -m models.demo_training.pretrain", description="Train the embedded demo model.",
                                  allow_abbrev=False)
     ap.add_argument("--out", type=Path, default=DEMO_DIR)
     ap.add_argument("--steps", type=int, default=1000)
@@ -153,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", default=None, metavar="SPEC",
                     help="continue from this model's weights (e.g. demo) instead of a fresh initialisation")
-    # Induction heads (see the docstring): the defaults are the recipe that gives them.
+    # Induction heads (NOTES.md): the defaults are the recipe that gives them.
     ap.add_argument("--embed-std", type=float, default=1.0,
                     help="initial std of the token and position embeddings (transformers' is 0.02)")
     ap.add_argument("--embed-lr-scale", type=float, default=10.0,

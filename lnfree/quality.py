@@ -1,4 +1,4 @@
-"""Model-quality measurements shared by pretraining, removal and tests: CE and induction."""
+"""Model-quality measurements shared by removal, evaluation and the demo's pretraining: CE and induction."""
 
 from __future__ import annotations
 

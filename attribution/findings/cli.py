@@ -1,6 +1,6 @@
 """CLI: the paper's other findings (confidence neurons, first-token norms, sinks, calibration, DLA error).
 
-    python -m attribution.findings_cli --ln demo --lnfree demo-lnfree --n-seq 64 \\
+    python -m attribution.findings --ln demo --lnfree demo-lnfree --n-seq 64 \\
         --out findings.json --figures findings_figures/
 
 Runs attribution.findings.pair_findings on held-out text and writes the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m attribution.findings_cli", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attribution.findings", description=__doc__.split("\n")[0])
     p.add_argument("--ln", required=True, help="the LN model: hub name, local directory or `demo`")
     p.add_argument("--lnfree", required=True, help="its LN-free twin, e.g. `demo-lnfree`")
     p.add_argument("--n-seq", type=int, default=64, help="held-out sequences (default 64)")
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> dict:
     from attribution.findings import pair_findings
     from models import load_bridge
 
-    ln, ln_info = load_bridge(args.ln, args.dtype, args.device)
-    lf, lf_info = load_bridge(args.lnfree, args.dtype, args.device)
+    ln = load_bridge(args.ln, args.dtype, args.device)
+    lf = load_bridge(args.lnfree, args.dtype, args.device)
     bars = []  # created on the first progress call, so that an input error prints alone
 
     def progress(f: float, text: str) -> None:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         bars[0].set_postfix_str(text, refresh=False)
         bars[0].update(max(0, int(f * 1000) - bars[0].n))
 
-    result = pair_findings(ln, ln_info, lf, lf_info, args.n_seq, args.seq_len, args.source, progress, k=args.k,
+    result = pair_findings(ln, lf, args.n_seq, args.seq_len, args.source, progress, k=args.k,
                            threshold=args.threshold, n_bins=args.bins)
     for bar in bars:
         bar.close()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
         Path(args.out).write_text(json.dumps(result, indent=1))
         if args.figures:
-            from attribution.findings_plots import FINDINGS_FIGURES
+            from attribution.findings.plots import FINDINGS_FIGURES
 
             folder = Path(args.figures)
             folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +113,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}" + (f" and figures in {args.figures}" if args.figures else ""))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,75 @@
+"""attribution.findings.compare, its CLI and figures."""
+
+from __future__ import annotations
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+
+from attribution import findings as fnd
+from attribution.findings.plots import FINDINGS_FIGURES
+
+
+def test_compare_findings_and_figures(ln_pair, lnfree_pair, tokens):
+    result = fnd.compare_findings(ln_pair[0], lnfree_pair[0], tokens[:3, :16], tokens[:3, :16], k=2)
+    json.dumps(result, allow_nan=False)
+    neurons = result["settings"]["ablated_neurons"]
+    assert len(neurons) == 2
+    assert result["ln"]["ablation"]["neurons"] == result["lnfree"]["ablation"]["neurons"] == neurons
+    assert result["lnfree"]["dla_error"]["nmae"] < 1e-5 < result["ln"]["dla_error"]["nmae"]
+    table = {r["metric"]: r for r in fnd.summary_table(result)}
+    assert table["DLA error (NMAE over heads)"]["ln"] == result["ln"]["dla_error"]["nmae"]
+    assert table["attention-sink rate"]["lnfree"] == result["lnfree"]["sinks"]["rate"]
+    for name, make in FINDINGS_FIGURES.items():
+        fig = make(result)
+        assert isinstance(fig, go.Figure), name
+        assert {t.xaxis for t in fig.data} == {"x", "x2"}, name      # LN | LN-free panels
+    heat = FINDINGS_FIGURES["dla_error"](result)
+    assert {t.coloraxis for t in heat.data} == {"coloraxis"}     # one shared colour scale
+    top = max(max(r) for m in ("ln", "lnfree") for r in result[m]["dla_error"]["per_head"])
+    assert heat.layout.coloraxis.cmax == pytest.approx(top)
+    norms = FINDINGS_FIGURES["norms"](result)
+    assert norms.layout.yaxis2.matches == "y"                    # shared y scale
+    assert list(norms.data[0].y) == result["ln"]["norms"]["pos0"]
+
+
+def test_cli_writes_json_and_figures(tiny_ln_dir, tiny_lnfree_dir, tmp_path, capsys):
+    from attribution.findings import cli as findings_cli
+
+    out, figs = tmp_path / "r.json", tmp_path / "figs"
+    rc = findings_cli.main(["--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), "--n-seq", "2",
+                            "--seq-len", "16", "--k", "2", "--out", str(out), "--figures", str(figs)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["n_seq"] == 2 and result["settings"]["seq_len"] == 16
+    assert result["settings"]["source"] == "demo"
+    assert result["models"] == {"ln": str(tiny_ln_dir), "lnfree": str(tiny_lnfree_dir), "lnfree_is_ln_free": True,
+                                "ln_is_ln_free": False}
+    assert result["lnfree"]["dla_error"]["nmae"] < 1e-5
+    assert "DLA error (NMAE over heads)" in capsys.readouterr().out
+    for name in FINDINGS_FIGURES:
+        html = (figs / f"{name}.html").read_text()
+        assert "Plotly.newPlot" in html and len(html) > 1_000_000   # plotly.js embedded: works offline
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-seq", "0"], "--n-seq"),
+    (["--threshold", "2"], "--threshold"),
+    (["--seq-len", "1000"], "context"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, message, tiny_ln_dir, tiny_lnfree_dir, tmp_path, capsys):
+    from attribution.findings import cli as findings_cli
+
+    rc = findings_cli.main(["--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir),
+                            "--out", str(tmp_path / "r.json")] + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
+
+
+def test_cli_unknown_model_exits_2(tmp_path, capsys):
+    from attribution.findings import cli as findings_cli
+
+    rc = findings_cli.main(["--ln", str(tmp_path / "missing"), "--lnfree", "demo-lnfree",
+                            "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err

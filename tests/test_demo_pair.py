@@ -1,0 +1,52 @@
+"""The shipped demo pair (models/demo, models/demo-lnfree): shapes, recorded quality, induction heads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lnfree.quality import induction_losses, token_losses
+from models import load_hf
+from models.corpus import load_passages, pack
+from tests.test_models import ROOT, run_inspect
+
+DEMO = ROOT / "models" / "demo"
+
+
+def test_demo_model_size_and_quality():
+
+    model, tok, info = load_hf("demo")
+    report = json.loads((DEMO / "training.json").read_text())
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (4, 256, 4, 256, 8192)
+    assert not info.ln_free and info.twin == "demo-lnfree"
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, cfg.n_positions)
+    ce = token_losses(model, held, batch_size=64).mean().item()
+    assert ce < math.log(cfg.vocab_size) - 3.0  # far better than uniform (9.01 nats)
+    assert ce == pytest.approx(report["heldout_ce"], abs=1e-3)  # the README's number
+    # The reported induction numbers are what the model does, and it has induction heads (README).
+    ind = induction_losses(model, cfg.vocab_size, bos_id=eot)
+    assert ind == pytest.approx(report["induction"], abs=1e-3)
+    assert ind["second_copy"] < ind["first_copy"] - 5  # far below: induction
+
+
+def test_demo_lnfree_is_ln_free_and_keeps_induction():
+    """The shipped twin: its recorded held-out CE (the README's) and the base's induction heads."""
+
+    model, tok, info = load_hf("demo-lnfree")
+    run = json.loads((ROOT / "models" / "demo-lnfree" / "run.json").read_text())
+    assert info.ln_free and info.base == "demo" and set(info.sigmas) == {
+        *(f"blocks.{i}.ln{k}" for i in range(4) for k in (1, 2)), "ln_final"}
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, model.config.n_positions)
+    assert token_losses(model, held, batch_size=64).mean().item() == pytest.approx(run["heldout_ce_final"], abs=1e-3)
+    ind = induction_losses(model, model.config.vocab_size, bos_id=eot)
+    assert ind["second_copy"] < ind["first_copy"] - 5
+
+
+def test_inspect_cli_demo():
+    out = json.loads(run_inspect("demo").stdout)
+    assert out["spec"] == "demo" and out["n_layers"] == 4 and out["ln_free"] is False

@@ -1,0 +1,118 @@
+"""The research scripts that made the demo pair (models/demo_training): pretraining and the induction toy.
+
+Marked slow (`pytest -m "not slow"` skips them locally); CI runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from models import load_hf
+from tests.test_models import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_pretrain_defaults_are_what_trained_the_shipped_demo():
+    """`python -m models.demo_training.pretrain` with no flags is what trained `demo` (its training.json)."""
+    from models.demo_training.pretrain import parser
+
+    report = json.loads((ROOT / "models" / "demo" / "training.json").read_text())
+    defaults = json.loads(json.dumps(vars(parser().parse_args([])), default=str))
+    assert {k: v for k, v in report["train_args"].items() if k != "out"} == {
+        k: defaults[k] for k in report["train_args"] if k != "out"}
+
+
+def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
+    """The pretraining script as a process, on the real corpus with a tiny budget: span-only steps at a
+    constant learning rate, then text with span rows; the initialisation flags take effect."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "models.demo_training.pretrain", "--out", str(out), "--batch-size", "2", "--n-ctx", "128",
+           "--steps", "20", "--warmup", "5", "--induction-steps", "30", "--induction-ctx", "32",
+           "--induction-lengths", "3", "8", "--induction-lr", "3e-3", "--repeats-only", "--repeat-frac", "0.5",
+           "--repeat-lengths", "3", "20", "--embed-std", "1", "--final-ln-gain", "0.004"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lrs = {int(line.split()[1].split("/")[0]): float(line.split(" lr ")[1].split()[0])
+           for line in proc.stdout.splitlines() if line.startswith("step ") and " lr " in line}
+    assert lrs[20] == 3e-3 and lrs[40] < 1e-3  # constant during the span steps, then the text schedule
+    report = json.loads((out / "training.json").read_text())
+    assert report["train_args"]["induction_steps"] == 30 and report["tokens_seen"] == 30 * 2 * 32 + 20 * 2 * 128
+    assert report["text_tokens_seen"] == 20 * 1 * 128
+    (probe,) = report["induction_during_training"]
+    assert probe["step"] == 50 and set(probe["length_20"]) == {"first_copy", "second_copy"}
+    model, _, info = load_hf(str(out))
+    assert not info.ln_free and model.config.n_positions == 128
+    assert model.transformer.wte.weight.std() > 0.5 and model.transformer.ln_f.weight.mean() < 0.5
+    # --init-from continues from a model's weights (the initialisation defaults do not apply): with no
+    # steps, the written model is that model.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(again), "--init-from", str(out),
+                           "--n-ctx", "128", "--steps", "0", "--induction-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copy = load_hf(str(again))[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
+    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.
+    frozen = tmp_path / "frozen"
+    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(frozen), "--init-from", str(out),
+                           "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                           "--induction-steps", "0", "--embed-lr-scale", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = load_hf(str(frozen))[0].transformer
+    assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
+    assert torch.equal(moved.wpe.weight, model.transformer.wpe.weight)
+    assert not torch.equal(moved.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    refused = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(tmp_path / "no"),
+                              "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()
+    abbreviated = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(tmp_path / "no"),
+                                  "--init-from", str(out), "--final-ln", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert abbreviated.returncode == 2 and "--final-ln" in abbreviated.stderr and not (tmp_path / "no").exists()
+    wrong = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(tmp_path / "no"),
+                            "--init-from", str(out), "--steps", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--n-ctx 256" in wrong.stderr and not (tmp_path / "no").exists()
+
+
+def test_induction_toy_starts_from_a_trained_checkpoint(tiny_ln_dir):
+    from models.demo_training import induction_toy
+
+    vocab = GPT2LMHeadModel.from_pretrained(tiny_ln_dir).config.vocab_size
+    log = induction_toy.main(["--init-from", str(tiny_ln_dir), "--vocab", str(vocab), "--steps", "2",
+                              "--batch-size", "2", "--repeats-only", "--threads", "1"])
+    assert [r["step"] for r in log] == [2] and math.isfinite(log[0]["second_30"])
+    with pytest.raises(SystemExit) as exit_info:  # a span vocabulary the checkpoint does not have
+        induction_toy.main(["--init-from", str(tiny_ln_dir), "--vocab", str(vocab + 1), "--steps", "1"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:  # two ways to choose the model
+        induction_toy.main(["--init-from", str(tiny_ln_dir), "--gpt2", "--vocab", str(vocab), "--steps", "1"])
+    assert exit_info.value.code == 2
+
+
+def test_induction_toy_runs_and_probes_through_induction_losses():
+    """The toy's probe is lnfree.quality.induction_losses (checked against a copier above); here the toy
+    and the demo architecture train and log it."""
+    from models.demo_training import induction_toy
+
+    log = induction_toy.main(["--vocab", "16", "--steps", "2", "--batch-size", "2", "--layer-norm", "--tied",
+                              "--mlp", "--embed-std", "1", "--final-ln-gain", "0.004", "--threads", "1"])
+    gpt = induction_toy.main(["--gpt2", "--vocab", "16", "--steps", "2", "--batch-size", "2", "--embed-std", "1",
+                              "--final-ln-gain", "0.004", "--proj-std", "0.02", "--repeats-only",
+                              "--embed-lr-scale", "0.1", "--threads", "1"])
+    for run in (log, gpt):
+        assert [r["step"] for r in run] == [2]
+        assert all(math.isfinite(run[0][k]) for k in ("loss", "first_13", "second_13", "first_30", "second_30"))
+    toy = induction_toy.Toy(16, 64, layer_norm=True, tied=True)
+    assert toy.unembed.weight is toy.embed.weight
+    assert toy(torch.zeros(2, 5, dtype=torch.long)).logits.shape == (2, 5, 16)
+    gpt2 = induction_toy.demo_gpt2(512, 64, embed_std=1.0, final_ln_gain=0.004, proj_std=0.05)
+    assert gpt2.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert (gpt2.transformer.ln_f.weight == 0.004).all() and gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert gpt2.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    assert gpt2.transformer.h[3].mlp.c_proj.weight.std().item() == pytest.approx(0.05, rel=0.05)
