@@ -24,6 +24,7 @@ from attribution.findings.plots import FINDINGS_FIGURES
 from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
+from models.loading import DTYPES
 
 st.set_page_config(page_title="lnfree workbench", layout="wide")
 
@@ -116,7 +117,8 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
     else:
         ln_spec, lnfree_spec = PAIR_LABELS[label]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    dtype = sb.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype")
+    dtype = sb.selectbox("dtype", list(DTYPES), key="dtype",
+                         help="Every number is read out in float64 from the model's activations.")
     device = sb.selectbox("device", devices, key="device")
 
     sb.header("Task")
@@ -139,8 +141,14 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
     method = sb.radio("Attribution patching", ["atp*", "atp"], horizontal=True,
                       format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
     per_position = sb.checkbox("Also patch each head and MLP at each position", False, key="per_position",
-                               help="L x H x positions patched runs: slow on large models.")
-    settings = Settings(task=task, top_k=top_k, per_position=per_position, **fields)
+                               help="Per-position estimates, checked by patching like the others.")
+    full = sb.checkbox("Full activation-patching sweeps", False, key="full_sweeps",
+                       help="Patch every component (L x H heads, L x positions residuals, ...), not only the "
+                            "ones AtP* ranks highest: slow on large models.")
+    verify_top = Settings.verify_top if full else sb.slider(
+        "Components checked by patching (largest |AtP*|)", 1, 100, Settings.verify_top, key="verify_top")
+    settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,
+                        verify_top=verify_top, **fields)
     return ln_spec, lnfree_spec, dtype, device, settings, method
 
 

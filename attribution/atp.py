@@ -9,7 +9,10 @@ AtP* adds two fixes:
   attention pattern is recomputed exactly and only the pattern -> metric map is
   linearised.  A head's output (hook_z) already contains its exact pattern, so
   this changes the resid_pre estimates (the patched residual enters layer l's
-  queries and keys); for heads it is a no-op.
+  queries and keys); for heads it is a no-op.  What it replaces is the part of
+  the linear estimate that goes through layer l's queries and keys,
+  g_q . J_q dresid + g_k . J_k dresid with J the Jacobian through layer l's live
+  ln1 (a torch.func.jvp); with LN removed, J dresid is exactly the change of q / k.
 - GradDrop: for each layer l, the estimate is recomputed with the gradient that
   flows from layer l back into the residual stream (through ln1 and ln2's inputs)
   set to zero, and the magnitude is the mean of |estimate| over all L layers
@@ -21,18 +24,39 @@ AtP* adds two fixes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from attribution import hooks
-from attribution.patching import capture, metric_runs, normaliser, recorder
+from attribution.metric import apply_ln
+from attribution.patching import Baseline, capture, metric_runs, recorder
 from attribution.tasks import Task
 
 CHUNK_ELEMENTS = 2**24  # bound on the [B, H, P, T, T] pattern tensor of the QK fix
 
 
-def _grad_run(bridge, task: Task, names: list[str], star: bool):
-    """Corrupted forward with grad; returns (metric, {name: activation}, keep flags for GradDrop)."""
+@dataclass
+class GradRun:
+    """The corrupted forward pass with gradients: the batch-mean metric (float64, with its graph), the named
+    activations (differentiable), and GradDrop's keep flag per layer (its hooks read them in the backward)."""
+
+    metric: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    keep: list[float]
+
+
+def grad_names(n_layers: int, star: bool) -> list[str]:
+    """The activations AtP (and, with star, AtP*) reads: resid_pre, z, mlp_out (and q, k, pattern)."""
+    main = [f(i) for i in range(n_layers) for f in (hooks.z, hooks.resid_pre, hooks.mlp_out)]
+    qk = [f(i) for i in range(n_layers) for f in (hooks.q, hooks.k, hooks.pattern)] if star else []
+    return main + qk
+
+
+def corrupted_run(bridge, task: Task, star: bool = True, names: list[str] | None = None) -> GradRun:
+    """The corrupted forward pass with gradients, recording `names` (default: what AtP / AtP* read)."""
     L = bridge.cfg.n_layers
+    names = grad_names(L, star) if names is None else names
     acts: dict[str, torch.Tensor] = {}
     keep = [1.0] * L
 
@@ -50,7 +74,7 @@ def _grad_run(bridge, task: Task, names: list[str], star: bool):
     if star:
         fwd += [(hooks.ln_in(i, ln), drop(i)) for i in range(L) for ln in ("ln1", "ln2")]
     metric = metric_runs(bridge, task, task.corrupt, fwd, grad=True).mean()
-    return metric, acts, keep
+    return GradRun(metric, acts, keep)
 
 
 def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
@@ -81,6 +105,21 @@ def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
     return a_new - a_co[:, :, None]
 
 
+def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """J_q dx and J_k dx [B, T, H, d_head] (float64): the change of layer `layer`'s queries and keys
+    linearised at its input x [B, T, d] (through its live ln1; affine when LN-free) in direction dx."""
+    ln = bridge.blocks[layer].ln1.original_component
+    W_Q, W_K = bridge.W_Q[layer].detach().double(), bridge.W_K[layer].detach().double()
+    b_Q, b_K = bridge.b_Q[layer].detach().double(), bridge.b_K[layer].detach().double()
+
+    def qk(resid):
+        h = apply_ln(ln, resid, torch.float64)
+        return (torch.einsum("btd,hde->bthe", h, W_Q) + b_Q, torch.einsum("btd,hde->bthe", h, W_K) + b_K)
+
+    _, tangents = torch.func.jvp(qk, (x.double(),), (dx.double(),))
+    return tangents
+
+
 def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Tensor:
     """Sum over (b, h, t, s) of dA(p) * dmetric/dpattern, for every position p [T], chunked over p."""
     step = max(1, CHUNK_ELEMENTS // max(1, B * H * T * T))
@@ -91,35 +130,47 @@ def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Te
     return torch.cat(out)
 
 
-def attribution_patching(bridge, task: Task, star: bool = True) -> dict[str, torch.Tensor]:
-    """Normalised AtP (and AtP*) estimates: heads [L,H], heads_pos [L,H,T], resid [L,T], mlp [L],
-    mlp_pos [L,T]; with star, the same keys prefixed 'star_'."""
+def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline | None = None,
+                         run: GradRun | None = None) -> dict[str, torch.Tensor]:
+    """Normalised AtP (and AtP*) estimates (float64): heads [L,H], heads_pos [L,H,T], resid [L,T], mlp [L],
+    mlp_pos [L,T]; with star, the same keys prefixed 'star_'.  `base` (the clean activations and both
+    metrics) and `run` (the corrupted pass with gradients) are made here unless an analysis passes its own."""
     cfg = bridge.cfg
     L, H = cfg.n_layers, cfg.n_heads
     B, T = task.corrupt.shape
-    main = [f(i) for i in range(L) for f in (hooks.z, hooks.resid_pre, hooks.mlp_out)]
-    qk = [f(i) for i in range(L) for f in (hooks.q, hooks.k)]
-    qk = qk if star else []
-    clean_metric, clean = capture(bridge, task.clean, main + qk, task)
-    names = main + (qk + [hooks.pattern(i) for i in range(L)] if star else [])
-    metric, acts, keep = _grad_run(bridge, task, names, star)
-    norm = normaliser(clean_metric.mean().item(), metric.item())
-    delta = {n: clean[n] - acts[n].detach() for n in main + qk}
+    names = grad_names(L, star)
+    main = grad_names(L, False)
+    run = corrupted_run(bridge, task, star) if run is None else run
+    if base is None:
+        clean_metric, clean = capture(bridge, task.clean, names, task)
+        base = Baseline(clean, [run.acts[hooks.resid_pre(i)].detach() for i in range(L)],
+                        clean_metric.mean().item(), run.metric.item())
+    metric, acts, keep, clean, norm = run.metric, run.acts, run.keep, base.clean, base.norm
+    # Estimates are accumulated in float64 from the model's activations and gradients.
+    delta = {n: clean[n].double() - acts[n].detach().double() for n in main}
+
+    def dot(grads, name, dims):
+        return (grads[name].double() * delta[name]).sum(dims)
 
     def estimates(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z = torch.stack([(grads[hooks.z(i)] * delta[hooks.z(i)]).sum((0, 3)).T for i in range(L)])  # [L,H,T]
-        r = torch.stack([(grads[hooks.resid_pre(i)] * delta[hooks.resid_pre(i)]).sum((0, 2)) for i in range(L)])
-        m = torch.stack([(grads[hooks.mlp_out(i)] * delta[hooks.mlp_out(i)]).sum((0, 2)) for i in range(L)])
+        z = torch.stack([dot(grads, hooks.z(i), (0, 3)).T for i in range(L)])  # [L, H, T]
+        r = torch.stack([dot(grads, hooks.resid_pre(i), (0, 2)) for i in range(L)])
+        m = torch.stack([dot(grads, hooks.mlp_out(i), (0, 2)) for i in range(L)])
         return {"heads_pos": z, "resid": r, "mlp_pos": m}
+
+    if star:  # the q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid
+        tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)])
+                    for i in range(L)]
+        qk_pairs = [tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
+                                                clean[hooks.q(i)], clean[hooks.k(i)])) for i in range(L)]
 
     def star_resid(grads: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         rows = []
         for i in range(L):
-            q_co, k_co = acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach()
-            q_cl, k_cl = clean[hooks.q(i)], clean[hooks.k(i)]
-            lin_qk = (grads[hooks.q(i)] * delta[hooks.q(i)] + grads[hooks.k(i)] * delta[hooks.k(i)]).sum((0, 2, 3))
-            exact = _qk_term(lambda ps, a=(q_co, k_co, q_cl, k_cl): pattern_deltas(*a, ps),
-                             grads[hooks.pattern(i)], T, B, H)
+            dq, dk = tangents[i]
+            lin_qk = (grads[hooks.q(i)].double() * dq + grads[hooks.k(i)].double() * dk).sum((0, 2, 3))
+            exact = _qk_term(lambda ps, a=qk_pairs[i]: pattern_deltas(*a, ps),
+                             grads[hooks.pattern(i)].double(), T, B, H)
             rows.append(base[i] - lin_qk + exact)
         return torch.stack(rows)
 

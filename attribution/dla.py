@@ -7,7 +7,9 @@ frozen at the clean run's value:
 For an LN-free model the "scale" is the constant sigma, so DLA is exact.  The
 true direct effect removes c from the final residual only and recomputes the
 final LN live:  DE(c) = metric(x) - metric(x - c).  Both are computed in float64
-from the cached activations (`effects`, shared with the dataset-level finding).
+from the cached activations, whatever the model's dtype, and the scale is
+recomputed from the cached final residual in float64 (`effects`, shared with
+the dataset-level finding), so LN-free DLA equals DE to float64 rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from attribution import hooks
-from attribution.metric import direction, final_ln, from_resid, unembed_bias
+from attribution.metric import direction, final_ln, final_ln_scale, from_resid, unembed_bias
 from attribution.tasks import Task
 
 F64 = torch.float64
@@ -44,11 +46,11 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(-1, keepdim=True)
 
 
-def dla_direction(bridge, scale: torch.Tensor, answer: torch.Tensor, counterfactual: torch.Tensor | None):
+def dla_direction(bridge, resid: torch.Tensor, answer: torch.Tensor, counterfactual: torch.Tensor | None):
     """u [*A, d] (float64) with DLA(c) = centre(c) . u: the final LN's gain times the metric's
-    unembedding direction, over the frozen scale [*A, 1]."""
+    unembedding direction, over the final LN's scale at the final residual `resid` [*A, d] (frozen)."""
     gain = final_ln(bridge).weight.detach().to(F64)
-    return gain * direction(bridge.W_U, answer, counterfactual).to(F64) / scale.to(F64)
+    return gain * direction(bridge.W_U, answer, counterfactual).to(F64) / final_ln_scale(bridge, resid)
 
 
 def _over(x: torch.Tensor, extra: int) -> torch.Tensor:
@@ -56,13 +58,13 @@ def _over(x: torch.Tensor, extra: int) -> torch.Tensor:
     return x.reshape(x.shape[:-1] + (1,) * extra + x.shape[-1:])
 
 
-def effects(bridge, resid: torch.Tensor, scale: torch.Tensor, components: torch.Tensor, answer: torch.Tensor,
+def effects(bridge, resid: torch.Tensor, components: torch.Tensor, answer: torch.Tensor,
             counterfactual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen-scale DLA and true direct effect, both float64 [*A, *C], of component vectors [*A, *C, d]
-    that are part of the final residual `resid` [*A, d] with LN scale `scale` [*A, 1]."""
+    that are part of the final residual `resid` [*A, d]."""
     c = components.to(F64)
     extra = c.dim() - resid.dim()
-    u = dla_direction(bridge, scale, answer, counterfactual)
+    u = dla_direction(bridge, resid, answer, counterfactual)
     dla = (_centre(c) * _over(u, extra)).sum(-1)
     x = resid.to(F64)
     metric = from_resid(bridge, x, answer, counterfactual, F64)
@@ -76,14 +78,13 @@ def direct_attribution(bridge, cache, task: Task, top_k_neurons: int = 10) -> DL
     cfg, pos = bridge.cfg, task.position
     L = cfg.n_layers
     ans, cf = task.answer, task.counterfactual
-    scale = cache[hooks.FINAL_LN_SCALE][:, pos]                                         # [B, 1] frozen
-    u = dla_direction(bridge, scale, ans, cf)                                            # [B, d]
+    resid = cache[hooks.resid_post(L - 1)][:, pos]                                      # [B, d]
+    u = dla_direction(bridge, resid, ans, cf)                                            # [B, d]
     z = torch.stack([cache[hooks.z(i)][:, pos] for i in range(L)], 1).to(F64)           # [B, L, H, dh]
     heads_out = torch.einsum("blhe,lhed->blhd", z, bridge.W_O.detach().to(F64))          # [B, L, H, d]
     mlp_out = torch.stack([cache[hooks.mlp_out(i)][:, pos] for i in range(L)], 1)      # [B, L, d]
-    resid = cache[hooks.resid_post(L - 1)][:, pos]                                      # [B, d]
-    dla_heads, de_heads = effects(bridge, resid, scale, heads_out, ans, cf)
-    dla_mlp, de_mlp = effects(bridge, resid, scale, mlp_out, ans, cf)
+    dla_heads, de_heads = effects(bridge, resid, heads_out, ans, cf)
+    dla_mlp, de_mlp = effects(bridge, resid, mlp_out, ans, cf)
 
     B = z.shape[0]
     vectors = {"embed": cache[hooks.EMBED][:, pos], "pos_embed": cache[hooks.POS_EMBED][:, pos],

@@ -7,3 +7,7 @@ class AttributionInputError(ValueError):
 
 class ExportUnavailable(RuntimeError):
     """A figure format that this machine cannot produce (PNG/SVG without a browser for kaleido)."""
+
+
+class AnalysisCancelled(Exception):
+    """Raised when a long analysis's `should_stop()` returned True; its partial work is discarded."""

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from attribution.errors import AttributionInputError, ExportUnavailable
-from attribution.report import PairResults, Settings
+from attribution.results import PairResults, Settings
 from attribution.tables import figure_table, summary_rows, table_csv
 
 FORMATS = ("html", "png", "svg", "csv", "json")
@@ -140,10 +140,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["atp", "atp*"], default="atp*")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-per-position", action="store_true", help="skip per-position head / MLP patching")
+    p.add_argument("--verify-top", type=int, default=Settings.verify_top,
+                   help="activation patching checks the components with the largest |AtP*| (default 20)")
+    p.add_argument("--full-sweeps", action="store_true",
+                   help="patch every component instead (every head, layer x position and MLP; slow at GPT-2 scale)")
     p.add_argument("--figure", default="all", choices=["all", *FIGURES])
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
     settings = Settings(task=args.task, prompt=args.prompt, answer=args.answer, counterfactual=args.counterfactual,
                         corrupt=args.corrupt, n_prompts=args.n_prompts, seq_len=args.seq_len,
                         position=args.position, top_k=args.top_k, seed=args.seed,
-                        per_position=not args.no_per_position)
+                        per_position=not args.no_per_position, verify_top=args.verify_top,
+                        full_sweeps=args.full_sweeps)
     bar = None
 
     def progress(frac: float, text: str) -> None:

@@ -3,7 +3,6 @@
 EMBED = "hook_embed"
 POS_EMBED = "hook_pos_embed"
 FINAL_LN_IN = "ln_final.hook_in"
-FINAL_LN_SCALE = "ln_final.hook_scale"
 
 
 def _in_block(name: str):
@@ -26,3 +25,8 @@ mlp_post = _in_block("mlp.hook_post")   # MLP neuron activations: [batch, pos, d
 def ln_in(layer: int, ln: str) -> str:
     """The input of a block's LN, `ln` being "ln1" (attention) or "ln2" (MLP)."""
     return f"blocks.{layer}.{ln}.hook_in"
+
+
+def layer_of(name: str) -> int:
+    """The block a per-block hook name belongs to ("blocks.3.attn.hook_z" -> 3)."""
+    return int(name.split(".")[1])

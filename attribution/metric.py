@@ -18,30 +18,45 @@ def final_ln(bridge) -> torch.nn.Module:
     return bridge.ln_final.original_component
 
 
-def apply_final_ln(bridge, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The final LN of `x`, computed in `dtype` (default: x's) with the model's weights cast to it."""
-    ln = final_ln(bridge)
+def apply_ln(ln: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A model's LN (nn.LayerNorm or FixedLayerNorm) of `x`, computed in `dtype` (default: x's) with its
+    weights cast to it (float64 readouts of a bfloat16 model, say)."""
     dtype = dtype or x.dtype
     x = x.to(dtype)
     w, b = ln.weight.detach().to(dtype), ln.bias.detach().to(dtype)
     if isinstance(ln, FixedLayerNorm):
-        return (x - x.mean(-1, keepdim=True)) / ln.sigma.to(dtype) * w + b
+        return (x - x.mean(-1, keepdim=True)) / ln.sigma * w + b
     return F.layer_norm(x, ln.normalized_shape, w, b, ln.eps)
+
+
+def apply_final_ln(bridge, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return apply_ln(final_ln(bridge), x, dtype)
+
+
+def final_ln_scale(bridge, x: torch.Tensor) -> torch.Tensor:
+    """The final LN's scale [..., 1] in float64 for final residuals x [..., d]: the constant sigma of an
+    LN-free model, else sqrt(var(x) + eps) recomputed from x (so it matches a float64 live LN exactly)."""
+    ln = final_ln(bridge)
+    if isinstance(ln, FixedLayerNorm):
+        return torch.full(x.shape[:-1] + (1,), ln.sigma, dtype=torch.float64, device=x.device)
+    return (x.double().var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
 
 
 def direction(W_U: torch.Tensor, answer: torch.Tensor, counterfactual: torch.Tensor | None) -> torch.Tensor:
     """Unembedding direction [*A, d_model] whose dot product with the final LN's output is the metric."""
-    d = W_U.detach().T[answer]
-    return d if counterfactual is None else d - W_U.detach().T[counterfactual]
+    W = W_U.detach().T
+    d = W[answer.to(W.device)]
+    return d if counterfactual is None else d - W[counterfactual.to(W.device)]
 
 
 def unembed_bias(bridge, answer: torch.Tensor, counterfactual: torch.Tensor | None) -> torch.Tensor:
     """The unembedding bias's share of the metric [*A] (zero for GPT-2, which has none)."""
     b_U = getattr(bridge, "b_U", None)
     if b_U is None:
-        return torch.zeros(answer.shape, device=answer.device)
+        return torch.zeros(answer.shape, device=bridge.W_U.device)
     b_U = b_U.detach()
-    return b_U[answer] if counterfactual is None else b_U[answer] - b_U[counterfactual]
+    out = b_U[answer.to(b_U.device)]
+    return out if counterfactual is None else out - b_U[counterfactual.to(b_U.device)]
 
 
 def from_logits(logits: torch.Tensor, answer: torch.Tensor, counterfactual: torch.Tensor | None) -> torch.Tensor:

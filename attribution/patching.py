@@ -8,19 +8,22 @@ component alone restores the clean behaviour and 0 means it does nothing.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from attribution import hooks
-from attribution.errors import AttributionInputError
+from attribution.errors import AnalysisCancelled, AttributionInputError
 from attribution.metric import from_resid
 from attribution.tasks import Task
 
 # A patch: (hook name, index into the activation after the batch dim), e.g. ("blocks.0.attn.hook_z", (p, h)).
 Patch = tuple[str, tuple]
-ELEMENT_BUDGET = 2**25  # floats of activations per forward pass; bounds the copies per pass
+MEMORY_SHARE = 0.25  # share of free memory the copies of one patched pass may use
+MAX_COPIES = 256
 ALL = slice(None)
 
 
@@ -49,8 +52,8 @@ class _Stop(Exception):
 
 
 def metric_runs(bridge, task: Task, tokens: torch.Tensor, fwd_hooks: list, grad: bool = False) -> torch.Tensor:
-    """Per-sequence metric of a forward pass, read from the final residual at the metric position
-    through the model's own final LN: the [batch, T, d_vocab] logits are never formed."""
+    """Per-sequence metric (float64) of a forward pass, read from the final residual at the metric position
+    through the model's own final LN, computed in float64: the [batch, T, d_vocab] logits are never formed."""
     box = {}
 
     def stop(x, hook):
@@ -65,19 +68,13 @@ def metric_runs(bridge, task: Task, tokens: torch.Tensor, fwd_hooks: list, grad:
         resid = box["resid"]
         reps = resid.shape[0] // task.answer.shape[0]
         per_copy = resid.view(reps, -1, resid.shape[-1]).transpose(0, 1)  # [B, reps, d]
-        return from_resid(bridge, per_copy, task.answer, task.counterfactual).T.reshape(-1)
+        return from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64).T.reshape(-1)
 
 
 def first_difference(task: Task) -> int:
     """First position where any clean and corrupted prompt differ: patches before it change nothing."""
     diff = (task.clean != task.corrupt).any(0).nonzero()
     return int(diff[0]) if len(diff) else task.clean.shape[1]
-
-
-def baselines(bridge, task: Task) -> tuple[float, float]:
-    """Batch-mean metric of the clean and the corrupted run."""
-    return (metric_runs(bridge, task, task.clean, []).mean().item(),
-            metric_runs(bridge, task, task.corrupt, []).mean().item())
 
 
 def normaliser(clean: float, corrupt: float) -> float:
@@ -89,32 +86,82 @@ def normaliser(clean: float, corrupt: float) -> float:
     return diff
 
 
-def run_patches(bridge, task: Task, clean_acts: dict[str, torch.Tensor], patches: list[Patch],
-                progress: Callable[[float], None] | None = None) -> torch.Tensor:
-    """Batch-mean metric [len(patches)] of the corrupted run with each single patch applied."""
-    B, T = task.corrupt.shape
-    per_pass = max(1, ELEMENT_BUDGET // (B * T * bridge.cfg.d_model * 4))
-    out = []
-    for start in range(0, len(patches), per_pass):
-        chunk = patches[start:start + per_pass]
+@dataclass
+class Baseline:
+    """What patching starts from, out of the two unpatched passes: the clean activations to patch in, the
+    corrupted residual entering every layer (where a patched run starts), both batch-mean metrics (float64)."""
+
+    clean: dict[str, torch.Tensor]
+    corrupt_resid: list[torch.Tensor]
+    clean_metric: float
+    corrupt_metric: float
+
+    @property
+    def norm(self) -> float:
+        return normaliser(self.clean_metric, self.corrupt_metric)
+
+
+def baseline(bridge, task: Task, names: list[str]) -> Baseline:
+    """One clean and one corrupted forward pass (when no analysis has made them already)."""
+    resid = [hooks.resid_pre(i) for i in range(bridge.cfg.n_layers)]
+    clean_metric, clean = capture(bridge, task.clean, sorted(set(names)), task)
+    corrupt_metric, corrupt = capture(bridge, task.corrupt, resid, task)
+    return Baseline(clean, [corrupt[n] for n in resid], clean_metric.mean().item(), corrupt_metric.mean().item())
+
+
+def copies_per_pass(bridge, task: Task) -> int:
+    """Patched copies of the batch per forward pass: a share of free memory over one copy's working set
+    (one layer's activations without gradients: residual-sized tensors, the MLP, the attention scores)."""
+    from models.loading import available_bytes
+
+    c, (B, T) = bridge.cfg, task.corrupt.shape
+    per_copy = B * T * (16 * c.d_model + 2 * c.d_mlp + 3 * c.n_heads * T) * bridge.W_U.element_size()
+    device = bridge.W_U.device
+    free = available_bytes(str(device) if device.type == "cuda" else "cpu")
+    return int(max(1, min(MAX_COPIES, MEMORY_SHARE * free // per_copy)))
+
+
+def _patcher(name: str, todo: list[tuple[int, tuple]], clean: torch.Tensor, B: int):
+    def hook(x, hook):
+        x = x.clone()
+        for j, index in todo:
+            x[(slice(j * B, (j + 1) * B),) + index] = clean[(ALL,) + index]
+        return x
+    return hook
+
+
+@torch.no_grad()
+def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progress: Callable[[float], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Batch-mean metric (float64) [len(patches)] of the corrupted run with each single patch applied.
+
+    Patches run in the order of their layer, several per forward pass (copies of the batch), and each pass
+    starts from the corrupted residual entering its lowest layer: the unpatched prefix is never re-run,
+    and the pass stops at the final residual (no unembedding)."""
+    B = task.corrupt.shape[0]
+    order = sorted(range(len(patches)), key=lambda i: hooks.layer_of(patches[i][0]))
+    per_pass = copies_per_pass(bridge, task)
+    out = torch.empty(len(patches), dtype=torch.float64)
+    for start in range(0, len(order), per_pass):
+        if should_stop is not None and should_stop():
+            raise AnalysisCancelled("activation patching: cancelled")
+        idx = order[start:start + per_pass]
         by_hook: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
-        for j, (name, index) in enumerate(chunk):
+        for j, i in enumerate(idx):
+            name, index = patches[i]
             by_hook[name].append((j, index))
-
-        def patcher(name, todo):
-            def hook(x, hook):
-                x = x.clone()
-                for j, index in todo:
-                    x[(slice(j * B, (j + 1) * B),) + index] = clean_acts[name][(ALL,) + index]
-                return x
-            return hook
-
-        tokens = task.corrupt.repeat(len(chunk), 1)
-        fwd = [(n, patcher(n, t)) for n, t in by_hook.items()]
-        out.append(metric_runs(bridge, task, tokens, fwd).view(len(chunk), B).mean(1))
+        first = hooks.layer_of(patches[idx[0]][0])
+        x = base.corrupt_resid[first].repeat(len(idx), 1, 1)
+        with bridge.hooks(fwd_hooks=[(n, _patcher(n, t, base.clean[n], B)) for n, t in by_hook.items()]):
+            for block in bridge.blocks[first:]:
+                x = block(x)
+                x = x[0] if isinstance(x, tuple) else x
+        per_copy = x[:, task.position].view(len(idx), B, -1).transpose(0, 1)       # [B, copies, d]
+        metric = from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64)
+        out[idx] = metric.mean(0).cpu()
         if progress:
-            progress(min(1.0, (start + len(chunk)) / len(patches)))
-    return torch.cat(out)
+            progress(min(1.0, (start + len(idx)) / len(patches)))
+    return out
 
 
 def sweep_patches(cfg, T: int, kind: str) -> tuple[list[Patch], tuple[int, ...]]:
@@ -138,23 +185,37 @@ SWEEP_HOOKS = {"resid": hooks.resid_pre, "heads": hooks.z, "heads_pos": hooks.z,
 
 
 def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),
-                        progress: Callable[[float, str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Normalised patching results for each sweep kind (resid [L,T], heads [L,H], heads_pos [L,H,T], ...)."""
+                        progress: Callable[[float, str], None] | None = None, base: Baseline | None = None,
+                        select: dict[str, list[int]] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Normalised patching results (float64) for each sweep kind: resid [L,T], heads [L,H], heads_pos [L,H,T],
+    mlp [L], mlp_pos [L,T].  With `select` ({kind: flat indices}) only those entries are patched and the
+    others are NaN (AtP-guided verification); without it, every entry (the full sweep)."""
     L, T = bridge.cfg.n_layers, task.clean.shape[1]
-    names = sorted({SWEEP_HOOKS[k](i) for k in kinds for i in range(L)})
-    _, clean_acts = capture(bridge, task.clean, names)
-    clean, corrupt = baselines(bridge, task)
-    norm = normaliser(clean, corrupt)
-    start = first_difference(task)
-    out = {}
-    for n, kind in enumerate(kinds):
+    if base is None:
+        base = baseline(bridge, task, [SWEEP_HOOKS[k](i) for k in kinds for i in range(L)])
+    norm, start = base.norm, first_difference(task)
+    out, todo = {}, []
+    for kind in kinds:
         patches, shape = sweep_patches(bridge.cfg, T, kind)
-        # A patch at a position before the first difference copies the corrupted value: effect exactly 0.
-        todo = [i for i, (_, index) in enumerate(patches) if not isinstance(index[0], int) or index[0] >= start]
-        report = (lambda f, n=n, kind=kind: progress((n + f) / len(kinds), f"patching {kind}")) if progress \
-            else None
-        result = torch.zeros(len(patches))
-        if todo:
-            result[todo] = (run_patches(bridge, task, clean_acts, [patches[i] for i in todo], report) - corrupt) / norm
-        out[kind] = result.view(shape)
-    return out
+        chosen = range(len(patches)) if select is None else select[kind]
+        out[kind] = torch.full((len(patches),), 0.0 if select is None else math.nan, dtype=torch.float64)
+        for i in chosen:
+            index = patches[i][1]
+            # A patch at a position before the first difference copies the corrupted value: effect exactly 0.
+            if isinstance(index[0], int) and index[0] < start:
+                out[kind][i] = 0.0
+            else:
+                todo.append((kind, i, patches[i]))
+    if todo:
+        report = (lambda f: progress(f, "activation patching")) if progress else None
+        metric = run_patches(bridge, task, base, [p for _, _, p in todo], report, should_stop)
+        for (kind, i, _), m in zip(todo, metric.tolist(), strict=True):
+            out[kind][i] = (m - base.corrupt_metric) / norm
+    return {kind: out[kind].view(sweep_patches(bridge.cfg, T, kind)[1]) for kind in kinds}
+
+
+def top_k(estimate: torch.Tensor, k: int) -> list[int]:
+    """Flat indices of the k largest |estimate| entries (the components AtP-guided verification patches)."""
+    flat = estimate.flatten().abs()
+    return flat.topk(min(k, flat.numel())).indices.tolist()

@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from attribution.report import ModelResults, PairResults
+from attribution.results import ModelResults, PairResults
 
 DIVERGING = "RdBu"
 LN_COLOUR, LNFREE_COLOUR = "#1f77b4", "#d62728"
@@ -104,9 +104,14 @@ def _method_name(method: str) -> str:
     return "AtP*" if method == "atp*" else "AtP"
 
 
+def _patched(pair: PairResults) -> str:
+    return f" ({pair.ln.patching}; blank: not patched)" if pair.ln.patching.startswith("top") else ""
+
+
 def patch_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
     return _heatmap_pair(pair, lambda m: m.patch_heads, "Activation patching per head (all positions), "
-                         "normalised (patched - corrupt) / (clean - corrupt)", "head", colour_title="patch")
+                         f"normalised (patched - corrupt) / (clean - corrupt){_patched(pair)}", "head",
+                         colour_title="patch")
 
 
 def atp_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
@@ -116,7 +121,8 @@ def atp_heads(pair: PairResults, method: str = "atp*") -> go.Figure:
 
 
 def patch_resid(pair: PairResults, method: str = "atp*") -> go.Figure:
-    return _heatmap_pair(pair, lambda m: m.patch_resid, "Activation patching of resid_pre (layer x position)",
+    return _heatmap_pair(pair, lambda m: m.patch_resid, f"Activation patching of resid_pre (layer x position)"
+                         f"{_patched(pair)}",
                          "position", x_labels=lambda m: position_labels(m.str_tokens), colour_title="patch")
 
 
@@ -148,7 +154,7 @@ def atp_vs_patch(pair: PairResults, method: str = "atp*") -> go.Figure:
                                  name="estimate = patch", showlegend=col == 1), row=1, col=col)
         fig.update_xaxes(title_text="activation patching", row=1, col=col)
         fig.update_yaxes(title_text=_method_name(method), row=1, col=col)
-    fig.update_layout(title=f"{_method_name(method)} vs activation patching, per head (all positions)")
+    fig.update_layout(title=f"{_method_name(method)} vs activation patching, per head (all positions){_patched(pair)}")
     return fig
 
 

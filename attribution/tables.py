@@ -8,7 +8,7 @@ import io
 import math
 
 from attribution.errors import AttributionInputError
-from attribution.report import PairResults
+from attribution.results import PairResults
 
 
 def _models(pair: PairResults):
@@ -89,7 +89,8 @@ def table_csv(rows: list[dict]) -> str:
 
 
 def summary_rows(pair: PairResults) -> list[dict]:
-    """One row per headline number (metric, DLA error, AtP and AtP* agreement), one column per model."""
+    """One row per headline number (metric, DLA error, AtP and AtP* agreement over the patched components,
+    the analysis's cost), one column per model."""
     k = pair.settings.top_k
     cols = {}
     for label, res in (("LN", pair.ln), ("LN-free", pair.lnfree)):
@@ -101,6 +102,7 @@ def summary_rows(pair: PairResults) -> list[dict]:
             f"AtP top-{k} recall": a.get("topk_recall"), "AtP MAE": a.get("mae"),
             "AtP* Pearson": s.get("pearson"), "AtP* Spearman": s.get("spearman"),
             f"AtP* top-{k} recall": s.get("topk_recall"), "AtP* MAE": s.get("mae"),
+            "cost (forward-pass equivalents)": res.cost.get("total"),
         }
     names = list(next(iter(cols.values())))
     return [{"quantity": n, **{model: _num_or_none(c[n]) for model, c in cols.items()}} for n in names]

@@ -17,7 +17,7 @@ import time
 import torch
 
 from attribution import atp, hooks, patching, tasks
-from attribution.report import agreement
+from attribution.results import agreement
 
 
 def bench(name: str, bridge, n_prompts: int, seq_len: int, seed: int = 0) -> None:

@@ -24,7 +24,7 @@ class FixedScaleNormBridge(NormalizationBridge):
         ln = self.original_component
         x = self.hook_in(hidden_states)
         x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale(ln.sigma.to(x.dtype).expand(*x.shape[:-1], 1))
+        scale = self.hook_scale(torch.full_like(x[..., :1], ln.sigma))
         x = self.hook_normalized(x / scale)
         return self.hook_out(x * ln.weight + ln.bias)
 

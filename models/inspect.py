@@ -38,7 +38,7 @@ def describe(spec: str, dtype: str = "float32", device: str = "cpu") -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("spec")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     try:

@@ -18,21 +18,25 @@ EPS_SCALE = 1e6  # sqrt(1e12): the factor the convention multiplies into each we
 
 
 class FixedLayerNorm(nn.Module):
-    """(x - mean(x)) / sigma * weight + bias with a frozen scalar sigma (no live division)."""
+    """(x - mean(x)) / sigma * weight + bias with a frozen scalar sigma (no live division).
+
+    sigma is a Python float (double precision), not a tensor: casting the model to bfloat16 or
+    float16 rounds the weights, never sigma, so float64 readouts use the checkpoint's exact value.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sigma: float):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone())
-        self.register_buffer("sigma", torch.tensor(float(sigma), dtype=weight.dtype))
+        self.sigma = float(sigma)
         self.normalized_shape = tuple(weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x - x.mean(-1, keepdim=True)
-        return x / self.sigma.to(x.dtype) * self.weight + self.bias
+        return x / self.sigma * self.weight + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, sigma={self.sigma.item():.6g}"
+        return f"{self.normalized_shape}, sigma={self.sigma:.6g}"
 
 
 def ln_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
@@ -45,8 +49,9 @@ def ln_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
     return out
 
 
-def is_ln_free_config(config) -> bool:
-    return float(getattr(config, "layer_norm_epsilon", 1e-5)) >= LN_FREE_MIN_EPS
+def is_ln_free_config(config: dict) -> bool:
+    """Whether a config.json (as a dict) is an LN-free checkpoint in the eps = 1e12 convention."""
+    return float(config.get("layer_norm_epsilon", 1e-5)) >= LN_FREE_MIN_EPS
 
 
 def make_exact(model: nn.Module) -> dict[str, float]:
@@ -56,7 +61,8 @@ def make_exact(model: nn.Module) -> dict[str, float]:
     exports) when present; otherwise only gamma / sigma is determined by the
     weights, and we pick sigma so that mean |gamma| = 1 (exact for LNs whose
     gamma was 1, and a harmless convention otherwise: the function is the same).
-    Returns the sigma of every LN, by TransformerLens name.
+    Returns the sigma of every LN, by TransformerLens name.  Call it on a float32 (or float64) model:
+    the stored weights (gamma * 1e6 / sigma) overflow float16, so they are de-scaled before any cast.
     """
     eps = float(model.config.layer_norm_epsilon)
     scale = eps**0.5
@@ -64,7 +70,7 @@ def make_exact(model: nn.Module) -> dict[str, float]:
     sigmas = {}
     for name, (parent, attr, _) in ln_modules(model).items():
         ln = getattr(parent, attr)
-        w = ln.weight.detach().float()
+        w = ln.weight.detach().double()
         sigma = float(recorded[name]) if name in recorded else scale / w.abs().mean().item()
         gamma = (w * sigma / scale).to(ln.weight.dtype)
         setattr(parent, attr, FixedLayerNorm(gamma, ln.bias.detach(), sigma).to(ln.weight.device))

@@ -22,7 +22,7 @@ from models.ln_free import is_ln_free_config, make_exact
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 # Memory needed relative to the weights: activations, the bridge's wrappers, allocator slack.
 MEMORY_OVERHEAD = 1.5
@@ -191,7 +191,9 @@ def _check_device(device: str) -> str:
 def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load `spec` as (GPT2LMHeadModel in eval mode, tokenizer, ModelInfo).
 
-    LN-free checkpoints get FixedLayerNorm modules (exact linear maps).
+    LN-free checkpoints get FixedLayerNorm modules (exact linear maps).  They are loaded and de-scaled
+    in float32 (float64 if asked for) before any cast: the stored weights, gamma * 1e6 / sigma,
+    overflow float16.
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -201,16 +203,17 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     dtype, device = parse_dtype(dtype), _check_device(device)
     path = resolve(spec)
     cfg = read_config(path, spec)
-    check_memory(cfg, dtype, device, spec)
+    ln_free = is_ln_free_config(cfg)
+    load_dtype = torch.float64 if dtype == torch.float64 else torch.float32 if ln_free else dtype
+    check_memory(cfg, load_dtype, device, spec)
     try:
-        model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, use_safetensors=True,
+        model = GPT2LMHeadModel.from_pretrained(path, dtype=load_dtype, use_safetensors=True,
                                                 attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelSpecError(f"Could not load {spec!r}: {str(err).splitlines()[0]}") from None
-    model.to(device).eval()
-    ln_free = is_ln_free_config(model.config)
     sigmas = make_exact(model) if ln_free else None
+    model.to(device, dtype).eval()
     base = cfg.get("lnfree_base") or registry.base_of(spec)
     return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg)
 

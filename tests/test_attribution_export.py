@@ -20,7 +20,7 @@ import pytest
 from attribution import AttributionInputError, ExportUnavailable, Settings, attention_pattern, compare
 from attribution.export import export, figure_table, write_figure
 from attribution.plots import FIGURES, attention_figure
-from attribution.report import agreement
+from attribution.results import agreement
 from models import load_bridge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_cli_bad_model_exit_2(tmp_path):
 
 def test_custom_without_corrupt_has_dla_but_no_patching(pair):
     from attribution import analyse
-    from attribution.report import PairResults
+    from attribution.results import PairResults
 
     _, ln, _ = pair
     s = Settings(task="custom", prompt="When Mary and John went", answer=" to")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attribution.errors import AttributionInputError
+from attribution.errors import AnalysisCancelled, AttributionInputError
 
 Progress = Callable[[float, str], None] | None
 ShouldStop = Callable[[], bool] | None
@@ -24,10 +24,6 @@ MAX_SOURCE_TOKENS = 4_000_000  # of a user's text file, for heldout_tokens
 
 class FindingsInputError(AttributionInputError):
     """Bad tokens or settings for a findings analysis; the message is one sentence for the user."""
-
-
-class AnalysisCancelled(Exception):
-    """Raised when `should_stop()` returned True; the partial work is discarded."""
 
 
 def _device(bridge) -> torch.device:

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=5, help="confidence-neuron candidates to ablate (default 5)")
     p.add_argument("--threshold", type=float, default=0.3, help="attention-sink threshold (default 0.3)")
     p.add_argument("--bins", type=int, default=15, help="calibration bins (default 15)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", required=True, help="JSON file for the numbers")
     p.add_argument("--figures", default=None, help="directory for the HTML figures (optional)")

@@ -12,7 +12,7 @@ from attribution.findings.calibration import calibration
 from attribution.findings.dla_error import dataset_dla_error
 from attribution.findings.first_token import attention_sink_rate, first_token_norms
 from attribution.findings.neurons import ablate_neurons, confidence_neurons
-from attribution.report import jsonable
+from attribution.results import jsonable
 
 if TYPE_CHECKING:
     from models import LoadedModel

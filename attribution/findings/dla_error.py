@@ -25,14 +25,14 @@ def head_direct_effects(bridge, tokens: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     L = bridge.cfg.n_layers
     tokens = check_tokens(bridge, tokens)
-    names = [hooks.z(i) for i in range(L)] + [hooks.resid_post(L - 1), hooks.FINAL_LN_SCALE]
+    names = [hooks.z(i) for i in range(L)] + [hooks.resid_post(L - 1)]
     _, acts = capture(bridge, tokens, names)
-    x, scale = acts[hooks.resid_post(L - 1)][:, :-1], acts[hooks.FINAL_LN_SCALE][:, :-1]
+    x = acts[hooks.resid_post(L - 1)][:, :-1]
     W_O = bridge.W_O.detach().double()
     dla, de = [], []
     for i in range(L):
         c = torch.einsum("bphe,hed->bphd", acts[hooks.z(i)][:, :-1].double(), W_O[i])  # [B, T-1, H, d]
-        a, e = effects(bridge, x, scale, c, tokens[:, 1:])
+        a, e = effects(bridge, x, c, tokens[:, 1:])
         dla.append(a)
         de.append(e)
     return torch.stack(dla, 2), torch.stack(de, 2)
