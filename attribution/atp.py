@@ -121,13 +121,14 @@ def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[
 
 
 def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Tensor:
-    """Sum over (b, h, t, s) of dA(p) * dmetric/dpattern, for every position p [T], chunked over p."""
+    """Sum over (b, h, t, s) of dA(p) * dmetric/dpattern for every position p, for each of several
+    pattern gradients g_pattern [sets, B, H, T, T] -> [sets, T]; dA is computed once, chunked over p."""
     step = max(1, CHUNK_ELEMENTS // max(1, B * H * T * T))
     out = []
     for start in range(0, T, step):
         dA = dA_fn(range(start, min(T, start + step)))
-        out.append(torch.einsum("bhpts,bhts->p", dA, g_pattern))
-    return torch.cat(out)
+        out.append(torch.einsum("bhpts,kbhts->kp", dA, g_pattern))
+    return torch.cat(out, dim=1)
 
 
 def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline | None = None,
@@ -158,22 +159,6 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
         m = torch.stack([dot(grads, hooks.mlp_out(i), (0, 2)) for i in range(L)])
         return {"heads_pos": z, "resid": r, "mlp_pos": m}
 
-    if star:  # the q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid
-        tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)])
-                    for i in range(L)]
-        qk_pairs = [tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
-                                                clean[hooks.q(i)], clean[hooks.k(i)])) for i in range(L)]
-
-    def star_resid(grads: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(L):
-            dq, dk = tangents[i]
-            lin_qk = (grads[hooks.q(i)].double() * dq + grads[hooks.k(i)].double() * dk).sum((0, 2, 3))
-            exact = _qk_term(lambda ps, a=qk_pairs[i]: pattern_deltas(*a, ps),
-                             grads[hooks.pattern(i)].double(), T, B, H)
-            rows.append(base[i] - lin_qk + exact)
-        return torch.stack(rows)
-
     def grads_with(drop: int | None) -> dict[str, torch.Tensor]:
         for i in range(L):
             keep[i] = 0.0 if i == drop else 1.0
@@ -181,22 +166,37 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
         gs = torch.autograd.grad(metric, inputs, retain_graph=True, allow_unused=True)
         return {n: (torch.zeros_like(a) if g is None else g) for n, a, g in zip(names, inputs, gs, strict=True)}
 
-    g0 = grads_with(None)
-    est = estimates(g0)
-    out = {"heads_pos": est["heads_pos"], "heads": est["heads_pos"].sum(-1), "resid": est["resid"],
-           "mlp_pos": est["mlp_pos"], "mlp": est["mlp_pos"].sum(-1)}
-    if star:
-        signed = dict(out, resid=star_resid(g0, est["resid"]))
-        out["qk_resid"] = signed["resid"]
-        mags = {k: torch.zeros_like(v) for k, v in signed.items()}
-        for drop in range(L):
-            g = grads_with(drop)
-            e = estimates(g)
-            e = {"heads_pos": e["heads_pos"], "heads": e["heads_pos"].sum(-1), "resid": star_resid(g, e["resid"]),
-                 "mlp_pos": e["mlp_pos"], "mlp": e["mlp_pos"].sum(-1)}
-            for k, v in e.items():
-                mags[k] += v.abs() / L
-        keep[:] = [1.0] * L
-        for k, v in signed.items():
-            out["star_" + k] = torch.sign(v) * mags[k]
+    def full(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(e, heads=e["heads_pos"].sum(-1), mlp=e["mlp_pos"].sum(-1))
+
+    if not star:
+        return {k: (v / norm).detach() for k, v in full(estimates(grads_with(None))).items()}
+
+    # The q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid.
+    tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)])
+                for i in range(L)]
+    # Gradient set 0 is AtP's; set 1 + l drops layer l's gradient (GradDrop).  Each set keeps its linear
+    # estimates, their q/k part, and its pattern gradients for the exact QK term.
+    sets, lin_qk, g_pattern = [], [], []
+    for drop in [None, *range(L)]:
+        g = grads_with(drop)
+        sets.append(full(estimates(g)))
+        lin_qk.append(torch.stack([(g[hooks.q(i)].double() * tangents[i][0]
+                                    + g[hooks.k(i)].double() * tangents[i][1]).sum((0, 2, 3)) for i in range(L)]))
+        g_pattern.append([g[hooks.pattern(i)] for i in range(L)])
+        del g
+    keep[:] = [1.0] * L
+    # The exact pattern change of each resid_pre patch, once per layer for every gradient set.
+    exact = torch.zeros(len(sets), L, T, dtype=torch.float64)
+    for i in range(L):
+        pairs = tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
+                                           clean[hooks.q(i)], clean[hooks.k(i)]))
+        grads = torch.stack([gp[i] for gp in g_pattern]).double()              # [sets, B, H, T, T]
+        exact[:, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
+    out = dict(sets[0])  # plain AtP
+    for j, e in enumerate(sets):
+        e["resid"] = e["resid"] - lin_qk[j] + exact[j]
+    out["qk_resid"] = sets[0]["resid"]
+    for k, v in sets[0].items():
+        out["star_" + k] = torch.sign(v) * sum(e[k].abs() for e in sets[1:]) / L
     return {k: (v / norm).detach() for k, v in out.items()}

@@ -215,7 +215,13 @@ def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),
     return {kind: out[kind].view(sweep_patches(bridge.cfg, T, kind)[1]) for kind in kinds}
 
 
-def top_k(estimate: torch.Tensor, k: int) -> list[int]:
-    """Flat indices of the k largest |estimate| entries (the components AtP-guided verification patches)."""
-    flat = estimate.flatten().abs()
-    return flat.topk(min(k, flat.numel())).indices.tolist()
+def top_k(estimates: dict[str, torch.Tensor], k: int) -> dict[str, list[int]]:
+    """The k components with the largest |estimate| over every kind together ({kind: estimate}, all in units
+    of the normalised metric), as {kind: flat indices}: what AtP-guided verification patches."""
+    flat = torch.cat([e.flatten().abs() for e in estimates.values()])
+    chosen = flat.topk(min(k, flat.numel())).indices.tolist()
+    bounds, start = {}, 0
+    for kind, e in estimates.items():
+        bounds[kind] = (start, start + e.numel())
+        start += e.numel()
+    return {kind: [i - lo for i in chosen if lo <= i < hi] for kind, (lo, hi) in bounds.items()}

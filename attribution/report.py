@@ -128,7 +128,7 @@ def analyse(model: LoadedModel, settings: Settings, progress: Progress = None,
             atp = attribution_patching(bridge, task, star=True, base=base, run=run)
         del run, cache
         kinds = ("resid", "heads", "mlp") + (("heads_pos", "mlp_pos") if settings.per_position else ())
-        select = None if settings.full_sweeps else {k: top_k(atp["star_" + k], settings.verify_top) for k in kinds}
+        select = None if settings.full_sweeps else top_k({k: atp["star_" + k] for k in kinds}, settings.verify_top)
         say(0.4, "activation patching")
         with clock("activation patching"):
             patch = activation_patching(bridge, task, kinds, lambda f, text: say(0.4 + 0.6 * f, text), base,
@@ -144,8 +144,8 @@ def analyse(model: LoadedModel, settings: Settings, progress: Progress = None,
         if settings.per_position:
             res.update(patch_heads_pos=_np(patch["heads_pos"]), atp_heads_pos=_np(atp["heads_pos"]),
                        atpstar_heads_pos=_np(atp["star_heads_pos"]), patch_mlp_pos=_np(patch["mlp_pos"]),
-                       atp_mlp_pos=_np(atp["mlp_pos"]))
-        res["agreement"] = agreements(res, settings.top_k)
+                       atp_mlp_pos=_np(atp["mlp_pos"]), atpstar_mlp_pos=_np(atp["star_mlp_pos"]))
+        res["agreement"] = agreements(res, settings.top_k, pooled=select is not None)
     say(1.0, "done")
     return ModelResults(
         spec=info.spec, ln_free=bool(info.ln_free), metric_clean=metric_clean, top_tokens=top_tokens,

@@ -63,6 +63,7 @@ class ModelResults:
     atpstar_heads_pos: np.ndarray | None = None
     patch_mlp_pos: np.ndarray | None = None      # [L, T]
     atp_mlp_pos: np.ndarray | None = None
+    atpstar_mlp_pos: np.ndarray | None = None
     answer: str = ""
     counterfactual: str = ""
     patching: str = ""               # "full sweeps" or "top-k by |AtP*|": which components were patched
@@ -120,8 +121,10 @@ def agreement(estimate: np.ndarray, truth: np.ndarray, k: int = 10) -> dict[str,
     return out
 
 
-def agreements(r: dict, k: int) -> dict:
-    """{"atp": heads, "atpstar": heads, "by_component": {component: {"atp": ..., "atpstar": ...}}}."""
+def agreements(r: dict, k: int, pooled: bool = False) -> dict:
+    """{"atp": ..., "atpstar": ..., "over": what they are over, "by_component": {component: {"atp": ...,
+    "atpstar": ...}}}: over every head with full sweeps; with AtP-guided verification (`pooled`), over
+    the patched components of every kind together (the few of each kind alone say little)."""
     by = {
         "heads": {"atp": agreement(r["atp_heads"], r["patch_heads"], k),
                   "atpstar": agreement(r["atpstar_heads"], r["patch_heads"], k)},
@@ -133,5 +136,12 @@ def agreements(r: dict, k: int) -> dict:
     if "patch_heads_pos" in r:
         by["heads_pos"] = {"atp": agreement(r["atp_heads_pos"], r["patch_heads_pos"], k),
                            "atpstar": agreement(r["atpstar_heads_pos"], r["patch_heads_pos"], k)}
-        by["mlp_pos"] = {"atp": agreement(r["atp_mlp_pos"], r["patch_mlp_pos"], k)}
-    return {"atp": by["heads"]["atp"], "atpstar": by["heads"]["atpstar"], "by_component": by}
+        by["mlp_pos"] = {"atp": agreement(r["atp_mlp_pos"], r["patch_mlp_pos"], k),
+                         "atpstar": agreement(r["atpstar_mlp_pos"], r["patch_mlp_pos"], k)}
+    if not pooled:
+        return {"atp": by["heads"]["atp"], "atpstar": by["heads"]["atpstar"], "over": "heads", "by_component": by}
+    kinds = [kind for kind in ("heads", "resid", "mlp", "heads_pos", "mlp_pos") if f"patch_{kind}" in r]
+    truth = np.concatenate([np.ravel(r[f"patch_{kind}"]) for kind in kinds])
+    return {"atp": agreement(np.concatenate([np.ravel(r[f"atp_{kind}"]) for kind in kinds]), truth, k),
+            "atpstar": agreement(np.concatenate([np.ravel(r[f"atpstar_{kind}"]) for kind in kinds]), truth, k),
+            "over": "patched components", "by_component": by}

@@ -7,6 +7,8 @@ import csv
 import io
 import math
 
+import numpy as np
+
 from attribution.errors import AttributionInputError
 from attribution.results import PairResults
 
@@ -89,8 +91,9 @@ def table_csv(rows: list[dict]) -> str:
 
 
 def summary_rows(pair: PairResults) -> list[dict]:
-    """One row per headline number (metric, DLA error, AtP and AtP* agreement over the patched components,
-    the analysis's cost), one column per model."""
+    """One row per headline number (metric, DLA error, AtP and AtP* agreement with activation patching:
+    over every head with full sweeps, else over the patched components; the analysis's cost), one column
+    per model."""
     k = pair.settings.top_k
     cols = {}
     for label, res in (("LN", pair.ln), ("LN-free", pair.lnfree)):
@@ -102,6 +105,8 @@ def summary_rows(pair: PairResults) -> list[dict]:
             f"AtP top-{k} recall": a.get("topk_recall"), "AtP MAE": a.get("mae"),
             "AtP* Pearson": s.get("pearson"), "AtP* Spearman": s.get("spearman"),
             f"AtP* top-{k} recall": s.get("topk_recall"), "AtP* MAE": s.get("mae"),
+            "patched components": float(sum(np.isfinite(getattr(res, f"patch_{kind}")).sum()
+                                            for kind in ("heads", "resid", "mlp"))),
             "cost (forward-pass equivalents)": res.cost.get("total"),
         }
     names = list(next(iter(cols.values())))
