@@ -258,6 +258,10 @@ def main() -> None:
     figure(pair, method, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
                               "when that head's output is removed from the final residual stream.")
     st.header("3. Activation patching vs attribution patching")
+    if pair.ln.patching:
+        st.caption(f"Activation patching: {pair.ln.patching} over heads, residual positions and MLPs "
+                   f"(the sidebar's 'Full activation-patching sweeps' patches every component). Agreement is "
+                   f"over {pair.ln.agreement['over']}.")
     figure(pair, method, "patch_heads")
     figure(pair, method, "atp_heads")
     figure(pair, method, "atp_vs_patch")

@@ -135,17 +135,21 @@ def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progre
                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Batch-mean metric (float64) [len(patches)] of the corrupted run with each single patch applied.
 
-    Patches run in the order of their layer, several per forward pass (copies of the batch), and each pass
-    starts from the corrupted residual entering its lowest layer: the unpatched prefix is never re-run,
-    and the pass stops at the final residual (no unembedding)."""
+    Patches run layer by layer, several per forward pass (copies of the batch), and each pass starts from
+    the corrupted residual entering its layer: the unpatched prefix is never re-run, and the pass stops
+    at the final residual (no unembedding)."""
     B = task.corrupt.shape[0]
-    order = sorted(range(len(patches)), key=lambda i: hooks.layer_of(patches[i][0]))
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for i, (name, _) in enumerate(patches):
+        by_layer[hooks.layer_of(name)].append(i)
     per_pass = copies_per_pass(bridge, task)
+    # Each pass holds patches of one layer only, so that it runs just the layers from there on.
+    chunks = [ids[j:j + per_pass] for _, ids in sorted(by_layer.items()) for j in range(0, len(ids), per_pass)]
     out = torch.empty(len(patches), dtype=torch.float64)
-    for start in range(0, len(order), per_pass):
+    done = 0
+    for idx in chunks:
         if should_stop is not None and should_stop():
             raise AnalysisCancelled("activation patching: cancelled")
-        idx = order[start:start + per_pass]
         by_hook: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
         for j, i in enumerate(idx):
             name, index = patches[i]
@@ -159,8 +163,9 @@ def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progre
         per_copy = x[:, task.position].view(len(idx), B, -1).transpose(0, 1)       # [B, copies, d]
         metric = from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64)
         out[idx] = metric.mean(0).cpu()
+        done += len(idx)
         if progress:
-            progress(min(1.0, (start + len(idx)) / len(patches)))
+            progress(done / len(patches))
     return out
 
 

@@ -1,6 +1,6 @@
 """AtP / AtP* vs full activation patching over all heads x positions (induction task).
 
-    python bench/bench_atp.py [--ln demo --lnfree demo-lnfree] [--gpt2-random] [--n-prompts 8 --seq-len 20]
+    python -m bench.bench_atp [--ln demo --lnfree demo-lnfree] [--gpt2-random] [--n-prompts 8 --seq-len 20]
 
 Prints, per model: time of the activation-patching sweep over every (layer, head, position), time of
 AtP and of AtP* (each over the whole batch), their ratio, and agreement with patching (Spearman,
@@ -32,11 +32,18 @@ def bench(name: str, bridge, n_prompts: int, seq_len: int, seed: int = 0) -> Non
     s = atp.attribution_patching(bridge, task, star=True)
     t_star = time.perf_counter() - t0
     n_runs = p.numel() - p[..., : patching.first_difference(task)].numel()
-    # One patched run on its own (as an unbatched sweep would do it), to extrapolate that sweep's cost.
-    _, clean = patching.capture(bridge, task.clean, [hooks.z(0)])
-    patching.run_patches(bridge, task, clean, [(hooks.z(0), (task.position, 0))])
+    # One full forward pass with one patch (as an unbatched sweep from the tokens would run it), to
+    # extrapolate that sweep's cost.
+    base = patching.baseline(bridge, task, [hooks.z(0)])
+
+    def one(x, hook):
+        x = x.clone()
+        x[:, task.position, 0] = base.clean[hooks.z(0)][:, task.position, 0]
+        return x
+
+    patching.metric_runs(bridge, task, task.corrupt, [(hooks.z(0), one)])
     t0 = time.perf_counter()
-    patching.run_patches(bridge, task, clean, [(hooks.z(0), (task.position, 0))])
+    patching.metric_runs(bridge, task, task.corrupt, [(hooks.z(0), one)])
     t_one = time.perf_counter() - t0
     print(f"\n## {name}: {bridge.cfg.n_layers} layers x {bridge.cfg.n_heads} heads, batch {n_prompts} x "
           f"{task.clean.shape[1]} tokens; {n_runs} patched runs (of {p.numel()} head x position patches)")

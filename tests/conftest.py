@@ -98,3 +98,13 @@ def tiny_lnfree_dir(tmp_path_factory, tokenizer, tiny_sigmas):
     write_lnfree(model, tiny_sigmas, path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_scale_lnfree_dir(tmp_path_factory, tokenizer):
+    """The tiny model LN-free with sigmas at its activations' scale (0.02), so that the metric is not ~0."""
+    path = tmp_path_factory.mktemp("tiny_lnfree_real_scale")
+    names = ["blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_final"]
+    write_lnfree(tiny_model(tokenizer), {n: 0.02 for n in names}, path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -159,3 +159,26 @@ def test_empty_ln_field_pairs_an_lnfree_dir_with_its_recorded_base(tmp_path, tok
     # Without a recorded base the empty field is a user error, not a traceback.
     at = use_pair(app(), "", str(tiny_ln_dir), task="induction").run()
     assert not at.exception and "records no base model" in at.error[0].value
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_every_dtype_the_app_offers_gives_the_analysis_numbers(dtype, tiny_ln_dir, tiny_lnfree_dir):
+    """Each dtype in the selector: a complete view whose DLA errors are the analysis's own in that dtype."""
+    settings = dict(task="induction", n_prompts=2, seq_len=6)
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), dtype=dtype, **settings).run()
+    assert_complete(at)
+    pair = compare(load_bridge(str(tiny_ln_dir), dtype), load_bridge(str(tiny_lnfree_dir), dtype),
+                   Settings(**settings, per_position=False))
+    assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
+    assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)") == f"{pair.lnfree.dla_nmae:.2e}"
+    assert pair.lnfree.dla_nmae < 1e-9
+
+
+def test_full_sweeps_patch_every_component(tiny_ln_dir, tiny_lnfree_dir):
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6,
+                  verify_top=3).run()
+    assert_complete(at)
+    assert any("top-3 by |AtP*|" in c.value for c in at.main.caption)
+    at.sidebar.checkbox(key="full_sweeps").check().run()
+    assert_complete(at)
+    assert any("full sweeps" in c.value for c in at.main.caption)

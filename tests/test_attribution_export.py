@@ -92,8 +92,14 @@ def test_export_csv_and_html_in_process(pair, tmp_path):
     paths = export(p, "all", "csv", tmp_path / "csv")
     assert len(paths) == len(FIGURES)
     with open(tmp_path / "csv" / "patch_resid.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert float(rows[0]["patch"]) == pytest.approx(float(p.ln.patch_resid[0, 0]), abs=1e-6)
+        rows = [r for r in csv.DictReader(f) if r["model"] == "ln"]
+    # Components AtP-guided verification did not patch are empty cells (NaN in the results).
+    for row in rows:
+        want = float(p.ln.patch_resid[int(row["layer"]), int(row["position"])])
+        assert (row["patch"] == "") == math.isnan(want)
+        if row["patch"]:
+            assert float(row["patch"]) == pytest.approx(want, abs=1e-6)
+    assert any(row["patch"] for row in rows) and any(not row["patch"] for row in rows)
     (html,) = export(p, "dla_heads", "html", tmp_path / "f.html")
     text = html.read_text()
     assert not re.search(r"<script[^>]*src=", text) and len(text) > 1_000_000  # plotly.js embedded, offline
