@@ -73,3 +73,17 @@ def test_cli_unknown_model_exits_2(tmp_path, capsys):
     rc = findings_cli.main(["--ln", str(tmp_path / "missing"), "--lnfree", "demo-lnfree",
                             "--out", str(tmp_path / "r.json")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_python_m_attribution_findings_runs_as_a_process(tiny_ln_dir, tiny_lnfree_dir, tmp_path):
+    """The README's command form, `python -m attribution.findings`, as a real process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "f.json"
+    proc = subprocess.run([sys.executable, "-m", "attribution.findings", "--ln", str(tiny_ln_dir), "--lnfree",
+                           str(tiny_lnfree_dir), "--n-seq", "2", "--seq-len", "16", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["lnfree"]["dla_error"]["nmae"] < 1e-9
+    assert "DLA error (NMAE over heads)" in proc.stdout
