@@ -25,8 +25,10 @@ system-deps:
 	  (apt-get update -q && apt-get install -y -q chromium chromium-driver) >/dev/null || \
 	  echo "warning: could not install chromium (needs root): PNG/SVG export and the browser test will skip"; }
 
+# `make app LN=SPEC LNFREE=SPEC` opens on that pair (LNFREE alone: an lnfree.remove directory and its base).
 app: install
-	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
+	  $(if $(LN)$(LNFREE),-- $(if $(LN),--ln "$(LN)") $(if $(LNFREE),--lnfree "$(LNFREE)"))
 
 test: install-dev system-deps
 	$(PY) -m pytest -q

@@ -1,14 +1,19 @@
 """lnfree workbench: an LN model and its LN-free twin, side by side.
 
-    streamlit run app.py
+    streamlit run app.py [-- --ln SPEC --lnfree SPEC --dtype DTYPE --device DEVICE]
 
-Layout and widgets only: loading lives in models/, every number in attribution/.
+Opens on the demo pair, or on the pair given after `--` (an LN-free directory alone pairs with its
+recorded base).  The view (pair, task, prompt, settings) is kept in the URL's query parameters, so a
+bookmarked or shared link opens the same view.  Layout and widgets only: loading lives in models/,
+every number in attribution/.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
 import threading
 from collections import OrderedDict
 from functools import partial
@@ -17,7 +22,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots
+from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots, view
 from attribution import export as exporting
 from attribution.findings import pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
@@ -38,6 +43,28 @@ TASK_HELP = {
 }
 
 USER_ERRORS = (ModelSpecError, AttributionInputError)
+# What each choice widget offers (also what a link or the command line may choose).
+CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
+           "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
+
+
+def initial_view() -> list[str]:
+    """Once per browser session, before the widgets exist: the command line's pair, then the URL's view."""
+    if st.session_state.get("view_loaded"):
+        return []
+    st.session_state["view_loaded"] = True
+    try:
+        values, problems = view.from_launch_args(sys.argv[1:], CHOICES, CUSTOM_PAIR)
+    except argparse.ArgumentError as err:
+        values, problems = {}, [f"The command line after `--` is not usable ({err}); give --ln SPEC --lnfree SPEC."]
+    from_url, more = view.from_query(st.query_params.to_dict(), CHOICES)
+    st.session_state.update({**values, **from_url})
+    return problems + more
+
+
+def share_view() -> None:
+    """Keep the current view in the URL (what a bookmark or a shared link reopens)."""
+    st.query_params.from_dict(view.to_query(st.session_state, list(CHOICES)))
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading model...")
@@ -106,8 +133,8 @@ def progress_to(bar):
 def sidebar() -> tuple[str, str, str, str, Settings, str]:
     sb = st.sidebar
     sb.title("lnfree workbench")
-    label = sb.selectbox("Model pair (LN | LN-free)", [*PAIR_LABELS, CUSTOM_PAIR],
-                         index=list(PAIR_LABELS).index(DEFAULT_PAIR), key="pair")
+    label = sb.selectbox("Model pair (LN | LN-free)", CHOICES["pair"], index=list(PAIR_LABELS).index(DEFAULT_PAIR),
+                         key="pair")
     if label == CUSTOM_PAIR:
         ln_spec = sb.text_input("LN model", "demo", key="ln_spec",
                                 help="Hub name or local directory; leave empty to use the LN-free model's base")
@@ -116,13 +143,12 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
                                     key="lnfree_spec")
     else:
         ln_spec, lnfree_spec = PAIR_LABELS[label]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    dtype = sb.selectbox("dtype", list(DTYPES), key="dtype",
+    dtype = sb.selectbox("dtype", CHOICES["dtype"], key="dtype",
                          help="Every number is read out in float64 from the model's activations.")
-    device = sb.selectbox("device", devices, key="device")
+    device = sb.selectbox("device", CHOICES["device"], key="device")
 
     sb.header("Task")
-    task = sb.radio("Task", list(TASK_HELP), horizontal=True, label_visibility="collapsed", key="task")
+    task = sb.radio("Task", CHOICES["task"], horizontal=True, label_visibility="collapsed", key="task")
     sb.caption(TASK_HELP[task])
     fields = {}
     if task == "custom":
@@ -133,12 +159,12 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
         fields["position"] = int(sb.number_input("Metric position (-1 = last)", value=-1, step=1,
                                                  key="position"))
     else:
-        fields["n_prompts"] = sb.slider("Prompts", 1, 32, 8, key="n_prompts")
+        fields["n_prompts"] = sb.slider("Prompts", *view.RANGES["n_prompts"], 8, key="n_prompts")
         if task == "induction":
-            fields["seq_len"] = sb.slider("Length of each random copy", 4, 60, 20, key="seq_len")
+            fields["seq_len"] = sb.slider("Length of each random copy", *view.RANGES["seq_len"], 20, key="seq_len")
     sb.header("Settings")
-    top_k = sb.slider("Top-k", 1, 30, 10, key="top_k")
-    method = sb.radio("Attribution patching", ["atp*", "atp"], horizontal=True,
+    top_k = sb.slider("Top-k", *view.RANGES["top_k"], 10, key="top_k")
+    method = sb.radio("Attribution patching", CHOICES["method"], horizontal=True,
                       format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
     per_position = sb.checkbox("Also patch each head and MLP at each position", False, key="per_position",
                                help="Per-position estimates, checked by patching like the others.")
@@ -146,7 +172,8 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
                        help="Patch every component (L x H heads, L x positions residuals, ...), not only the "
                             "ones AtP* ranks highest: slow on large models.")
     verify_top = Settings.verify_top if full else sb.slider(
-        "Components checked by patching (largest |AtP*|)", 1, 100, Settings.verify_top, key="verify_top")
+        "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], Settings.verify_top,
+        key="verify_top")
     settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,
                         verify_top=verify_top, **fields)
     return ln_spec, lnfree_spec, dtype, device, settings, method
@@ -232,7 +259,11 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
 
 
 def main() -> None:
+    problems = initial_view()
     ln_spec, lnfree_spec, dtype, device, settings, method = sidebar()
+    share_view()
+    for problem in problems:
+        st.error(problem)
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
                "checked against activation patching. Left: LN model. Right: its LN-free twin.")

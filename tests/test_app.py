@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,59 @@ def test_full_sweeps_patch_every_component(tiny_ln_dir, tiny_lnfree_dir):
     at.sidebar.checkbox(key="full_sweeps").check().run()
     assert_complete(at)
     assert any("full sweeps" in c.value for c in at.main.caption)
+
+
+def test_the_command_line_opens_the_app_on_a_pair(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):
+    """`streamlit run app.py -- --ln SPEC --lnfree SPEC` (what `make app LN=... LNFREE=...` runs)."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir),
+                                      "--dtype", "bfloat16"])
+    at = app()
+    at.session_state["task"], at.session_state["n_prompts"], at.session_state["seq_len"] = "induction", 2, 6
+    at.run()
+    assert_complete(at)
+    assert at.sidebar.selectbox(key="pair").value.startswith("Custom")
+    assert [s.value for s in at.subheader[:2]] == [f"LN: `{tiny_ln_dir}`", f"LN-free: `{tiny_lnfree_dir}`"]
+    assert at.sidebar.selectbox(key="dtype").value == "bfloat16"
+    monkeypatch.setattr(sys, "argv", ["app.py", "--device", "tpu"])
+    at = app().run()
+    assert "--device 'tpu' is not available here" in at.error[0].value and not at.exception
+
+
+def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
+    """A link's query parameters open the same view, and the page writes its view back into the URL."""
+    at = app()
+    for key, value in {"pair": "Custom (hub names or local directories)", "ln_spec": str(tiny_ln_dir),
+                       "lnfree_spec": str(tiny_lnfree_dir), "task": "ioi", "n_prompts": "3", "method": "atp",
+                       "full_sweeps": "true"}.items():
+        at.query_params[key] = value
+    at.run()
+    assert_complete(at)
+    assert at.sidebar.radio(key="task").value == "ioi" and at.sidebar.slider(key="n_prompts").value == 3
+    assert at.sidebar.radio(key="method").value == "atp" and at.sidebar.checkbox(key="full_sweeps").value
+    assert any("full sweeps" in c.value for c in at.main.caption)
+    assert at.query_params["task"] == "ioi" and at.query_params["top_k"] == "10"
+    # A bad parameter is one sentence; the rest of the link still applies.
+    at = app()
+    at.query_params.update({"pair": "Custom (hub names or local directories)", "ln_spec": str(tiny_ln_dir),
+                            "lnfree_spec": str(tiny_lnfree_dir), "task": "induction", "n_prompts": "999",
+                            "seq_len": "6", "colour": "blue"})
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "The link's n_prompts='999' is not a whole number in 1..32; it was ignored.",
+        "The link's colour='blue' is not a setting of this page; it was ignored."]
+    assert at.sidebar.slider(key="seq_len").value == 6 and at.sidebar.slider(key="n_prompts").value == 8
+
+
+def test_view_parsing_against_its_definition():
+    from attribution import view
+
+    choices = {"task": ["custom", "ioi"], "dtype": ["float32"], "device": ["cpu"]}
+    values, problems = view.from_query({"task": "ioi", "prompt": "a b", "position": "-2", "per_position": "true",
+                                        "top_k": "x", "dtype": "float8"}, choices)
+    assert values == {"task": "ioi", "prompt": "a b", "position": -2, "per_position": True}
+    assert len(problems) == 2 and "top_k='x'" in problems[0] and "float8" in problems[1]
+    values, problems = view.from_launch_args(["--lnfree", "/runs/x"], choices, "custom pair")
+    assert values == {"pair": "custom pair", "ln_spec": "", "lnfree_spec": "/runs/x"} and problems == []
+    assert view.to_query({"task": "ioi", "full_sweeps": False, "other": 1}, ["task"]) == {"task": "ioi",
+                                                                                          "full_sweeps": "false"}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served_app(tmp_path):
+@contextmanager
+def serve(tmp_path, *app_args: str):
+    """`streamlit run app.py [-- app_args]` on a free loopback port: yields (url, process) once healthy."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
+         "--server.address", "127.0.0.1", "--server.headless", "true", *(("--", *app_args) if app_args else ())],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -53,13 +55,27 @@ def served_app(tmp_path):
     else:
         proc.kill()
         pytest.fail("streamlit did not come up: " + (tmp_path / "streamlit.log").read_text()[-2000:])
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    with serve(tmp_path) as (url, _):
+        yield url
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_app_in_chromium(served_app, tmp_path):
@@ -92,3 +108,26 @@ def test_app_in_chromium(served_app, tmp_path):
         assert not re.search(r"<script[^>]*\bsrc=", html)
         browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_an_idle_server_is_idle(tmp_path):
+    """After a complete view, the server spends (almost) no CPU: no file watcher scanning the checkout
+    (.venv included) for changes.  Opened from the command line on an LN-free directory alone, which pairs
+    with the base it records."""
+    from playwright.sync_api import expect, sync_playwright
+
+    lnfree = ROOT / "models" / "demo-lnfree"
+    with serve(tmp_path, "--lnfree", str(lnfree)) as (url, proc):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_text("6. Summary")).to_be_visible(timeout=240_000)
+            expect(page.get_by_role("heading", name=f"LN-free: {lnfree}", exact=True)).to_be_visible()
+            expect(page.get_by_role("heading", name="LN: demo", exact=True)).to_be_visible()
+            time.sleep(3)  # let the run finish sending
+            before = cpu_seconds(proc.pid)
+            time.sleep(20)
+            idle = cpu_seconds(proc.pid) - before
+            browser.close()
+    assert idle < 1.0, f"the idle server used {idle:.2f} CPU-seconds in 20 s"
