@@ -179,3 +179,30 @@ def test_custom_without_corrupt_has_dla_but_no_patching(pair):
     for name, make in FIGURES.items():
         make(p)
         figure_table(name, p)
+
+
+def test_bundle_holds_every_figure_its_numbers_and_the_summary(pair):
+    """The app's "Download all (zip)": every figure as HTML (and PNG/SVG with a browser) with its CSV, the
+    summary table, and the JSON of every number."""
+    import io
+    import zipfile
+
+    from attribution.export import bundle, image_export_problem, results_json
+    from attribution.tables import summary_rows
+
+    p = pair[0]
+    zf = zipfile.ZipFile(io.BytesIO(bundle(p, "atp")))
+    names = set(zf.namelist())
+    images = image_export_problem() is None
+    for fig in FIGURES:
+        assert {f"{fig}.html", f"{fig}.csv"} <= names
+        assert ({f"{fig}.png", f"{fig}.svg"} <= names) == images
+    assert json.loads(zf.read("results.json")) == json.loads(results_json(p))
+    summary = {r["quantity"]: r for r in csv.DictReader(io.StringIO(zf.read("summary.csv").decode()))}
+    ln_col = f"LN: {p.ln.spec}"
+    assert float(summary["DLA NMAE vs direct effect"][ln_col]) == pytest.approx(p.ln.dla_nmae, rel=1e-12)
+    assert float(summary["cost (forward-pass equivalents)"][ln_col]) == p.ln.cost["total"]
+    rows = summary_rows(p)
+    assert [r["quantity"] for r in rows] == list(summary)
+    assert float(summary["patched components"][ln_col]) == sum(
+        np.isfinite(getattr(p.ln, f"patch_{k}")).sum() for k in ("heads", "resid", "mlp"))
