@@ -90,12 +90,16 @@ class Clock:
 def analyse(model: LoadedModel, settings: Settings, progress: Progress = None,
             should_stop: ShouldStop = None) -> ModelResults:
     """Every result for one model on the task that `settings` describes."""
-    bridge, info = model.bridge, model.info
-
     def say(f: float, text: str) -> None:
         if progress:
-            progress(min(1.0, max(0.0, f)), f"{info.spec}: {text}")
+            progress(min(1.0, max(0.0, f)), f"{model.spec}: {text}")
 
+    with model.lock:  # no other thread's pass sees this analysis's hooks
+        return _analyse(model, settings, say, should_stop)
+
+
+def _analyse(model: LoadedModel, settings: Settings, say, should_stop: ShouldStop) -> ModelResults:
+    bridge, info = model.bridge, model.info
     tok = bridge.tokenizer
     task = tasks.build(tok, settings, bridge.cfg.n_ctx)
     check_memory(bridge, task)
@@ -177,5 +181,6 @@ def attention_pattern(model: LoadedModel, settings: Settings, layer: int, head: 
             f"Head L{layer}H{head} does not exist; the model has {cfg.n_layers} layers x {cfg.n_heads} heads.")
     task = tasks.build(bridge.tokenizer, settings, cfg.n_ctx)
     name = hooks.pattern(layer)
-    _, acts = capture(bridge, task.clean[:1], [name])
+    with model.lock:
+        _, acts = capture(bridge, task.clean[:1], [name])
     return _np(acts[name][0, head]), _tok_str(bridge.tokenizer, task.clean[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,10 +56,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model loaded for analysis: its TransformerBridge, what was loaded (ModelInfo) and its shape."""
+    """A model loaded for analysis: its TransformerBridge, what was loaded (ModelInfo) and its shape.
+
+    Analyses add hooks to the bridge for the length of a pass, and a hook fires in every pass that runs
+    meanwhile: `lock` serialises the passes of threads that share the model (the app's browser sessions).
+    """
 
     bridge: TransformerBridge  # (models.bridge; not imported here: importing TransformerLens is slow)
     info: ModelInfo
+    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
     def spec(self) -> str:

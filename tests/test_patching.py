@@ -140,3 +140,41 @@ def test_atp_from_a_shared_pass_equals_its_own(model, task):
     shared = atp.attribution_patching(bridge, task, base=base, run=run)
     for k, v in alone.items():
         torch.testing.assert_close(shared[k], v, atol=1e-9, rtol=1e-7)
+
+
+def test_threads_sharing_a_model_never_run_inside_each_others_passes(tiny_ln_dir):
+    """Two browser sessions analysing the same cached model: the second's passes wait for the first's, so
+    no pass sees another's hooks, and each gets what it gets alone."""
+    import threading
+    import time
+
+    model = load_bridge(str(tiny_ln_dir))
+    first = Settings(task="induction", n_prompts=2, seq_len=4, per_position=False)
+    second = Settings(task="ioi", n_prompts=2, per_position=False)
+    alone = [analyse(model, s) for s in (first, second)]
+    calls, inside = [], threading.Event()
+
+    def record(module, args, out):
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "a" and not inside.is_set():
+            inside.set()
+            time.sleep(0.5)  # the other thread starts meanwhile
+
+    handle = model.bridge.embed.register_forward_hook(record)
+    results = {}
+    threads = [threading.Thread(target=lambda s=s, n=n: results.__setitem__(n, analyse(model, s)), name=n)
+               for n, s in (("a", first), ("b", second))]
+    try:
+        threads[0].start()
+        assert inside.wait(30)
+        threads[1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        handle.remove()
+    assert calls == ["a"] * calls.count("a") + ["b"] * calls.count("b") and "b" in calls
+    for name, want in zip("ab", alone, strict=True):
+        got = results[name]
+        np.testing.assert_allclose(got.dla_heads, want.dla_heads, atol=1e-12)
+        np.testing.assert_allclose(got.patch_heads, want.patch_heads, atol=1e-9)
+        np.testing.assert_allclose(got.atpstar_resid, want.atpstar_resid, atol=1e-9)

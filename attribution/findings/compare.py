@@ -76,8 +76,10 @@ def pair_findings(ln: LoadedModel, lnfree: LoadedModel, n_seq: int, seq_len: int
                                      f"lower it.")
         tokens.append(heldout_tokens(bridge.tokenizer, seq_len or n_ctx, n_seq, source))
     start = time.time()
-    result = compare_findings(ln.bridge, lnfree.bridge, tokens[0], tokens[1], progress, should_stop, k=k,
-                              threshold=threshold, n_bins=n_bins)
+    first, second = sorted((ln, lnfree), key=id)  # one order for every thread: no deadlock
+    with first.lock, second.lock:
+        result = compare_findings(ln.bridge, lnfree.bridge, tokens[0], tokens[1], progress, should_stop, k=k,
+                                  threshold=threshold, n_bins=n_bins)
     result["models"] = {"ln": ln.spec, "lnfree": lnfree.spec, "lnfree_is_ln_free": lnfree.ln_free,
                         "ln_is_ln_free": ln.ln_free}
     result["settings"].update({"n_seq": n_seq, "seq_len": int(tokens[0].shape[1]), "source": source,
