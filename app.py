@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -24,8 +25,10 @@ import torch
 
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots, view
 from attribution import export as exporting
+from attribution.jobs import JobStore, PairJob
 from attribution.findings import pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
+from attribution.report import STAGE_TEXT
 from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
@@ -49,16 +52,17 @@ CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": l
 
 
 def initial_view() -> list[str]:
-    """Once per browser session, before the widgets exist: the command line's pair, then the URL's view."""
-    if st.session_state.get("view_loaded"):
-        return []
-    st.session_state["view_loaded"] = True
+    """Once per browser session, before the widgets exist: the command line's pair, then the URL's view.
+    Returns what of them was not usable (kept, so each rerun of the page still says it)."""
+    if "view_problems" in st.session_state:
+        return st.session_state["view_problems"]
     try:
         values, problems = view.from_launch_args(sys.argv[1:], CHOICES, CUSTOM_PAIR)
     except argparse.ArgumentError as err:
         values, problems = {}, [f"The command line after `--` is not usable ({err}); give --ln SPEC --lnfree SPEC."]
     from_url, more = view.from_query(st.query_params.to_dict(), CHOICES)
     st.session_state.update({**values, **from_url})
+    st.session_state["view_problems"] = problems + more
     return problems + more
 
 
@@ -74,7 +78,7 @@ def get_model(spec: str, dtype: str, device: str):
 
 
 class LRU(OrderedDict):
-    """Results kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)
+    """Findings kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)
 
     Shared by every browser session (each runs in its own thread), so the dict is only touched
     under a lock; the computation itself runs outside it, so one session's analysis never blocks
@@ -100,17 +104,67 @@ class LRU(OrderedDict):
 
 
 @st.cache_resource
-def result_store() -> dict[str, LRU]:
-    return {"pair": LRU(32), "findings": LRU(8)}
+def result_store() -> dict:
+    """Shared by every session: the analyses of recent views (running or done), the findings."""
+    return {"jobs": JobStore(8), "findings": LRU(8)}
 
 
-def get_results(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings,
-                progress) -> PairResults:
-    def compute():
-        return compare(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), settings,
-                       progress=progress)
+def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> PairJob:
+    """The view's analysis, started in the background if new.  The job this session showed before is
+    cancelled (its finished stages are kept), and resumed if the session comes back to it."""
+    ln, lnfree = get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device)
+    job = result_store()["jobs"].get((ln_spec, lnfree_spec, dtype, device, settings),
+                                     lambda: PairJob(ln, lnfree, settings))
+    previous = st.session_state.get("job")
+    if previous is not None and previous is not job:
+        previous.cancel("superseded")
+    st.session_state["job"] = job
+    if job.cancelled == "superseded":
+        job.start()
+    return job
 
-    return result_store()["pair"].get_or_compute((ln_spec, lnfree_spec, dtype, device, settings), compute)
+
+def wait_for_numbers(job: PairJob) -> None:
+    """Block (with a progress bar) until the first stage is done: the page has nothing to show before."""
+    bar = st.progress(0.0, text="Computing predictions and DLA...")
+    while job.stage is None and job.running and not job.cancelled:
+        job.wait(0.1)
+        bar.progress(*progress_args(job))
+    bar.empty()
+
+
+def progress_args(job: PairJob) -> tuple[float, str]:
+    fraction, text = job.progress
+    return min(max(fraction, 0.0), 1.0), text
+
+
+@st.fragment(run_every=0.5)
+def follow(job: PairJob, stage: str | None) -> None:
+    """The running analysis's progress and a Cancel button.  Only this fragment reruns meanwhile (the
+    panels stay put); the page reruns once the job is past `stage`, the stage the page shows."""
+    if job.stage != stage or not job.running or job.cancelled:
+        st.rerun(scope="app")
+    cols = st.columns([5, 1])
+    cols[0].progress(*progress_args(job))
+    if cols[1].button("Cancel", key="cancel", help="Stop the running analysis; what is shown stays."):
+        job.cancel("user")
+        st.rerun(scope="app")
+
+
+def job_state(job: PairJob, shown: str | None) -> None:
+    """Below the panels: what is still running (with Cancel), what was cancelled, what failed."""
+    if isinstance(job.error, USER_ERRORS):
+        st.error(str(job.error))
+    elif job.error is not None:
+        raise job.error
+    elif job.cancelled:
+        st.warning(f"Cancelled after {STAGE_TEXT[job.stage] if job.stage else 'nothing'}: the panels show "
+                   f"what was done; the rest was not computed.")
+        if st.button("Run the rest", key="resume"):
+            job.start()
+            st.rerun()
+    elif job.running:
+        follow(job, shown)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -267,17 +321,27 @@ def main() -> None:
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
                "checked against activation patching. Left: LN model. Right: its LN-free twin.")
-    key = tuple(sorted(dataclasses.asdict(settings).items()))
-    bar = st.progress(0.0, text="Computing...")
+    status = st.container()
     try:
         ln_spec = ln_spec.strip() or get_model(lnfree_spec, dtype, device).info.ln_base()
-        pair = get_results(ln_spec, lnfree_spec, dtype, device, settings, progress_to(bar))
+        job = get_job(ln_spec, lnfree_spec, dtype, device, settings)
     except USER_ERRORS as err:
-        bar.empty()
         st.error(str(err))
         st.stop()
-    bar.empty()
+    with status:
+        wait_for_numbers(job)
+    pair = job.results
+    if pair is None:  # failed or cancelled before the first numbers
+        with status:
+            job_state(job, None)
+        return
+    panels(pair, method, ln_spec, lnfree_spec, dtype, device)
+    with status:  # last: the page above is complete as far as the analysis has gone
+        job_state(job, pair.ln.stage)
 
+
+def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
+    """Every panel, each as complete as the analysis's stage allows (later stages' panels say so)."""
     st.header("1. Predictions")
     predictions(pair)
     st.header("2. Direct logit attribution")
@@ -289,19 +353,11 @@ def main() -> None:
     figure(pair, method, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
                               "when that head's output is removed from the final residual stream.")
     st.header("3. Activation patching vs attribution patching")
-    if pair.ln.patching:
-        st.caption(f"Activation patching: {pair.ln.patching} over heads, residual positions and MLPs "
-                   f"(the sidebar's 'Full activation-patching sweeps' patches every component). Agreement is "
-                   f"over {pair.ln.agreement['over']}.")
-    figure(pair, method, "patch_heads")
-    figure(pair, method, "atp_heads")
-    figure(pair, method, "atp_vs_patch")
-    figure(pair, method, "patch_resid")
-    figure(pair, method, "atp_resid")
+    patching_panel(pair, method)
     st.header("4. Logit lens")
     figure(pair, method, "logit_lens")
     st.header("5. Attention pattern")
-    attention_panel(ln_spec, lnfree_spec, dtype, device, key, pair)
+    attention = st.container()  # filled last: its pass may wait for one of the running analysis
     problem = exporting.image_export_problem()
     if problem:
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
@@ -314,6 +370,33 @@ def main() -> None:
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
     st.header("7. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)
+    with attention:
+        attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),
+                        pair)
+
+
+def patching_panel(pair: PairResults, method: str) -> None:
+    if pair.settings.task == "custom" and not pair.settings.corrupt:
+        st.info("No corrupted prompt: attribution and activation patching need one (the sidebar's "
+                "'Corrupted prompt').")
+        return
+    if pair.ln.stage == "numbers":
+        st.info("Attribution patching (AtP, AtP*) is not done yet (see the status at the top); its figures "
+                "appear here when it is.")
+        return
+    figure(pair, method, "atp_heads")
+    figure(pair, method, "atp_resid")
+    if pair.ln.stage != "verification":
+        st.info("Activation patching (the ground truth: " + ("every component" if pair.settings.full_sweeps else
+                f"the {pair.settings.verify_top} components AtP* ranks highest") + ") is not done yet (see the "
+                "status at the top); its figures and the agreement statistics appear here when it is.")
+        return
+    st.caption(f"Activation patching: {pair.ln.patching} over heads, residual positions and MLPs "
+               f"(the sidebar's 'Full activation-patching sweeps' patches every component). Agreement is "
+               f"over {pair.ln.agreement['over']}.")
+    figure(pair, method, "patch_heads")
+    figure(pair, method, "atp_vs_patch")
+    figure(pair, method, "patch_resid")
 
 
 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -132,12 +133,13 @@ def _patcher(name: str, todo: list[tuple[int, tuple]], clean: torch.Tensor, B: i
 
 @torch.no_grad()
 def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progress: Callable[[float], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                should_stop: Callable[[], bool] | None = None, lock=None) -> torch.Tensor:
     """Batch-mean metric (float64) [len(patches)] of the corrupted run with each single patch applied.
 
     Patches run layer by layer, several per forward pass (copies of the batch), and each pass starts from
     the corrupted residual entering its layer: the unpatched prefix is never re-run, and the pass stops
-    at the final residual (no unembedding)."""
+    at the final residual (no unembedding).  `lock` (the model's) is held for each pass, not the whole
+    sweep, so another thread's short pass on the same model waits for one pass at most."""
     B = task.corrupt.shape[0]
     by_layer: dict[int, list[int]] = defaultdict(list)
     for i, (name, _) in enumerate(patches):
@@ -156,12 +158,13 @@ def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progre
             by_hook[name].append((j, index))
         first = hooks.layer_of(patches[idx[0]][0])
         x = base.corrupt_resid[first].repeat(len(idx), 1, 1)
-        with bridge.hooks(fwd_hooks=[(n, _patcher(n, t, base.clean[n], B)) for n, t in by_hook.items()]):
-            for block in bridge.blocks[first:]:
-                x = block(x)
-                x = x[0] if isinstance(x, tuple) else x
-        per_copy = x[:, task.position].view(len(idx), B, -1).transpose(0, 1)       # [B, copies, d]
-        metric = from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64)
+        with lock or nullcontext():  # the final LN too: another thread's hooks may sit there
+            with bridge.hooks(fwd_hooks=[(n, _patcher(n, t, base.clean[n], B)) for n, t in by_hook.items()]):
+                for block in bridge.blocks[first:]:
+                    x = block(x)
+                    x = x[0] if isinstance(x, tuple) else x
+            per_copy = x[:, task.position].view(len(idx), B, -1).transpose(0, 1)       # [B, copies, d]
+            metric = from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64)
         out[idx] = metric.mean(0).cpu()
         done += len(idx)
         if progress:
@@ -192,7 +195,7 @@ SWEEP_HOOKS = {"resid": hooks.resid_pre, "heads": hooks.z, "heads_pos": hooks.z,
 def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),
                         progress: Callable[[float, str], None] | None = None, base: Baseline | None = None,
                         select: dict[str, list[int]] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+                        should_stop: Callable[[], bool] | None = None, lock=None) -> dict[str, torch.Tensor]:
     """Normalised patching results (float64) for each sweep kind: resid [L,T], heads [L,H], heads_pos [L,H,T],
     mlp [L], mlp_pos [L,T].  With `select` ({kind: flat indices}) only those entries are patched and the
     others are NaN (AtP-guided verification); without it, every entry (the full sweep)."""
@@ -214,7 +217,7 @@ def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),
                 todo.append((kind, i, patches[i]))
     if todo:
         report = (lambda f: progress(f, "activation patching")) if progress else None
-        metric = run_patches(bridge, task, base, [p for _, _, p in todo], report, should_stop)
+        metric = run_patches(bridge, task, base, [p for _, _, p in todo], report, should_stop, lock)
         for (kind, i, _), m in zip(todo, metric.tolist(), strict=True):
             out[kind][i] = (m - base.corrupt_metric) / norm
     return {kind: out[kind].view(sweep_patches(bridge.cfg, T, kind)[1]) for kind in kinds}

@@ -69,6 +69,7 @@ class ModelResults:
     patching: str = ""               # "full sweeps" or "top-k by |AtP*|": which components were patched
     passes: dict = field(default_factory=dict)  # full forward passes, backward passes, patched runs
     cost: dict = field(default_factory=dict)    # each stage's wall time in forward-pass equivalents
+    stage: str = "verification"      # the last stage done (report.STAGES): later stages' arrays are NaN
 
     def to_dict(self) -> dict:
         out = {k: jsonable(v) for k, v in asdict(self).items()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -17,6 +19,20 @@ HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patch
            "4. Logit lens", "5. Attention pattern", "6. Summary", "7. Dataset-level findings"]
 needs_demo_pair = pytest.mark.skipif(
     not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
+
+
+@pytest.fixture(autouse=True)
+def no_analysis_outlives_its_test():
+    """Background analyses end with their test (a thread still in torch at exit aborts the process)."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name == "pair-analysis":
+            thread.join(120)
+
+
+def figures(at: AppTest) -> list[str]:
+    """The names of the figures on the page (their keys are fig-NAME)."""
+    return [chart.proto.id.split("-fig-", 1)[1] for chart in at.get("plotly_chart")]
 
 
 def app() -> AppTest:
@@ -33,6 +49,17 @@ def use_pair(at: AppTest, ln: str, lnfree: str, **widgets) -> AppTest:
     return at
 
 
+def complete(at: AppTest) -> AppTest:
+    """After a run: wait for the view's background analysis, then run the page again to show all of it
+    (what a browser's page does by itself: its progress fragment reruns the page after each stage)."""
+    job = at.session_state["job"] if "job" in at.session_state else None
+    if job is not None:
+        while job.running:
+            job.wait(1.0)
+        at.run()
+    return at
+
+
 def assert_complete(at: AppTest) -> None:
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
@@ -45,7 +72,7 @@ def metric(at: AppTest, label: str) -> str:
 
 @needs_demo_pair
 def test_default_view_shows_demo_pair_numbers():
-    at = app().run()
+    at = complete(app().run())
     assert_complete(at)
     ln = load_bridge("demo")
     lf = load_bridge("demo-lnfree")
@@ -67,28 +94,28 @@ def test_default_view_shows_demo_pair_numbers():
 @needs_demo_pair
 @pytest.mark.parametrize("task", ["induction", "ioi"])
 def test_other_tasks(task):
-    at = app().run()
-    at.sidebar.radio(key="task").set_value(task).run()
+    at = complete(app().run())
+    complete(at.sidebar.radio(key="task").set_value(task).run())
     assert_complete(at)
 
 
 @needs_demo_pair
 def test_attention_head_and_method_switch():
-    at = app().run()
-    at.number_input(key="head").set_value(1).run()
+    at = complete(app().run())
+    complete(at.number_input(key="head").set_value(1).run())
     assert_complete(at)
-    at.sidebar.radio(key="method").set_value("atp").run()
+    complete(at.sidebar.radio(key="method").set_value("atp").run())
     assert_complete(at)
 
 
 def test_unknown_model_is_an_error_not_a_traceback(tiny_ln_dir):
-    at = use_pair(app(), "no-such-model", str(tiny_ln_dir)).run()
+    at = complete(use_pair(app(), "no-such-model", str(tiny_ln_dir)).run())
     assert not at.exception
     assert len(at.error) == 1 and "Unknown model" in at.error[0].value
 
 
 def test_missing_directory_is_an_error(tiny_ln_dir, tmp_path):
-    at = use_pair(app(), str(tiny_ln_dir), str(tmp_path / "nowhere")).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tmp_path / "nowhere")).run())
     assert not at.exception
     assert len(at.error) == 1 and "does not exist" in at.error[0].value
 
@@ -104,7 +131,7 @@ def test_missing_directory_is_an_error(tiny_ln_dir, tmp_path):
 def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, message):
     ioi = {"prompt": "When Mary and John went to the store, John gave a drink to", "answer": " Mary",
            "counterfactual": " John", "corrupt": "When Mary and John went to the store, Mary gave a drink to"}
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom", **{**ioi, field: value}).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom", **{**ioi, field: value}).run())
     assert not at.exception
     assert len(at.error) == 1 and message in at.error[0].value.lower()
 
@@ -112,10 +139,10 @@ def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, me
 def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     from attribution.findings import compare_findings, heldout_tokens, summary_table
 
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6,
-                  findings_n_seq=4).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
+                           seq_len=6, findings_n_seq=4).run())
     assert_complete(at)
-    at.button(key="findings_run").click().run()
+    complete(at.button(key="findings_run").click().run())
     assert not at.exception and not at.error
     shown = next(d.value for d in at.main.dataframe if "paper" in d.value.columns)
     ln = load_bridge(str(tiny_ln_dir)).bridge
@@ -131,7 +158,7 @@ def test_missing_chromium_is_an_error_with_what_to_install(tiny_ln_dir, tiny_lnf
     from attribution import export
 
     monkeypatch.setattr(export, "image_export_problem", lambda: export.CHROMIUM_HINT)
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6).run())
     assert not at.exception
     assert [e.value for e in at.error] == [export.CHROMIUM_HINT]
     assert "apt-get install chromium" in export.CHROMIUM_HINT
@@ -142,7 +169,7 @@ def test_not_enough_memory_is_an_error(tiny_ln_dir, tiny_lnfree_dir, monkeypatch
 
     monkeypatch.setattr(loading, "available_bytes", lambda device: 1024)
     # A trailing slash is a new spec string, so the app's model cache cannot answer from memory.
-    at = use_pair(app(), str(tiny_ln_dir) + "/", str(tiny_lnfree_dir) + "/").run()
+    at = complete(use_pair(app(), str(tiny_ln_dir) + "/", str(tiny_lnfree_dir) + "/").run())
     assert not at.exception
     assert len(at.error) == 1 and "needs about" in at.error[0].value and "bfloat16" in at.error[0].value
 
@@ -154,11 +181,11 @@ def test_empty_ln_field_pairs_an_lnfree_dir_with_its_recorded_base(tmp_path, tok
     model.config.lnfree_base = str(tiny_ln_dir)
     write_lnfree(model, tiny_sigmas, tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    at = use_pair(app(), "", str(tmp_path), task="induction", n_prompts=2, seq_len=6).run()
+    at = complete(use_pair(app(), "", str(tmp_path), task="induction", n_prompts=2, seq_len=6).run())
     assert_complete(at)
     assert at.subheader[0].value == f"LN: `{tiny_ln_dir}`"
     # Without a recorded base the empty field is a user error, not a traceback.
-    at = use_pair(app(), "", str(tiny_ln_dir), task="induction").run()
+    at = complete(use_pair(app(), "", str(tiny_ln_dir), task="induction").run())
     assert not at.exception and "records no base model" in at.error[0].value
 
 
@@ -166,7 +193,7 @@ def test_empty_ln_field_pairs_an_lnfree_dir_with_its_recorded_base(tmp_path, tok
 def test_every_dtype_the_app_offers_gives_the_analysis_numbers(dtype, tiny_ln_dir, tiny_lnfree_dir):
     """Each dtype in the selector: a complete view whose DLA errors are the analysis's own in that dtype."""
     settings = dict(task="induction", n_prompts=2, seq_len=6)
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), dtype=dtype, **settings).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), dtype=dtype, **settings).run())
     assert_complete(at)
     pair = compare(load_bridge(str(tiny_ln_dir), dtype), load_bridge(str(tiny_lnfree_dir), dtype),
                    Settings(**settings, per_position=False))
@@ -176,11 +203,11 @@ def test_every_dtype_the_app_offers_gives_the_analysis_numbers(dtype, tiny_ln_di
 
 
 def test_full_sweeps_patch_every_component(tiny_ln_dir, tiny_lnfree_dir):
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2, seq_len=6,
-                  verify_top=3).run()
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
+                           seq_len=6, verify_top=3).run())
     assert_complete(at)
     assert any("top-3 by |AtP*|" in c.value for c in at.main.caption)
-    at.sidebar.checkbox(key="full_sweeps").check().run()
+    complete(at.sidebar.checkbox(key="full_sweeps").check().run())
     assert_complete(at)
     assert any("full sweeps" in c.value for c in at.main.caption)
 
@@ -191,13 +218,13 @@ def test_the_command_line_opens_the_app_on_a_pair(tiny_ln_dir, tiny_lnfree_dir, 
                                       "--dtype", "bfloat16"])
     at = app()
     at.session_state["task"], at.session_state["n_prompts"], at.session_state["seq_len"] = "induction", 2, 6
-    at.run()
+    complete(at.run())
     assert_complete(at)
     assert at.sidebar.selectbox(key="pair").value.startswith("Custom")
     assert [s.value for s in at.subheader[:2]] == [f"LN: `{tiny_ln_dir}`", f"LN-free: `{tiny_lnfree_dir}`"]
     assert at.sidebar.selectbox(key="dtype").value == "bfloat16"
     monkeypatch.setattr(sys, "argv", ["app.py", "--device", "tpu"])
-    at = app().run()
+    at = complete(app().run())
     assert "--device 'tpu' is not available here" in at.error[0].value and not at.exception
 
 
@@ -208,7 +235,7 @@ def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
                        "lnfree_spec": str(tiny_lnfree_dir), "task": "ioi", "n_prompts": "3", "method": "atp",
                        "full_sweeps": "true"}.items():
         at.query_params[key] = value
-    at.run()
+    complete(at.run())
     assert_complete(at)
     assert at.sidebar.radio(key="task").value == "ioi" and at.sidebar.slider(key="n_prompts").value == 3
     assert at.sidebar.radio(key="method").value == "atp" and at.sidebar.checkbox(key="full_sweeps").value
@@ -219,7 +246,7 @@ def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
     at.query_params.update({"pair": "Custom (hub names or local directories)", "ln_spec": str(tiny_ln_dir),
                             "lnfree_spec": str(tiny_lnfree_dir), "task": "induction", "n_prompts": "999",
                             "seq_len": "6", "colour": "blue"})
-    at.run()
+    complete(at.run())
     assert not at.exception
     assert [e.value for e in at.error] == [
         "The link's n_prompts='999' is not a whole number in 1..32; it was ignored.",
@@ -239,3 +266,62 @@ def test_view_parsing_against_its_definition():
     assert values == {"pair": "custom pair", "ln_spec": "", "lnfree_spec": "/runs/x"} and problems == []
     assert view.to_query({"task": "ioi", "full_sweeps": False, "other": 1}, ["task"]) == {"task": "ioi",
                                                                                           "full_sweeps": "false"}
+
+
+def test_numbers_come_first_and_cancel_keeps_them(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):
+    """Predictions, DLA and AtP are on the page while activation patching still runs; a view option
+    changes nothing computed; Cancel leaves a consistent page, and 'Run the rest' completes it."""
+    from attribution import report
+    from attribution.errors import AnalysisCancelled
+
+    settings = dict(task="induction", n_prompts=2, seq_len=6)
+    pair = compare(load_bridge(str(tiny_ln_dir)), load_bridge(str(tiny_lnfree_dir)),
+                   Settings(**settings, per_position=False))
+    gate, real = threading.Event(), report.activation_patching
+
+    def gated(*args, **kwargs):  # verification waits for the test (or for a cancel)
+        should_stop = args[6]
+        while not gate.wait(0.05):
+            if should_stop():
+                raise AnalysisCancelled("cancelled")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "activation_patching", gated)
+    try:
+        staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate)
+    finally:
+        gate.set()
+
+
+def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) -> None:
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), **settings).run()
+    job = at.session_state["job"]
+    while job.stage != "attribution":
+        job.wait(0.5)
+    at.run()
+    assert not at.exception and not at.error
+    assert [h.value for h in at.main.header] == HEADERS
+    assert "dla_heads" in figures(at) and "atp_heads" in figures(at) and "patch_heads" not in figures(at)
+    assert any("Activation patching (the ground truth" in i.value for i in at.info)
+    assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
+    shown = job.results
+    np.testing.assert_allclose(shown.ln.atpstar_heads, pair.ln.atpstar_heads, atol=1e-9)
+    assert np.isnan(shown.ln.patch_heads).all()
+
+    at.sidebar.radio(key="method").set_value("atp").run()  # a view option: the same job runs on
+    assert at.session_state["job"] is job and job.running and not at.exception
+
+    at.button(key="cancel").click().run()
+    while job.running:
+        job.wait(0.5)
+    at.run()
+    assert not at.exception and not at.error and job.stage == "attribution"
+    assert [w.value.split(":")[0] for w in at.warning] == ["Cancelled after attribution patching (AtP, AtP*)"]
+    assert "atp_heads" in figures(at) and "patch_heads" not in figures(at)
+    assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
+
+    gate.set()
+    complete(at.button(key="resume").click().run())
+    assert_complete(at)
+    assert not at.warning and "patch_heads" in figures(at)
+    np.testing.assert_allclose(job.results.ln.patch_heads, pair.ln.patch_heads, atol=1e-9, equal_nan=True)

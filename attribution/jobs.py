@@ -1,0 +1,117 @@
+"""A pair's analysis run in a background thread, stage by stage (report.PairAnalysis), for the app.
+
+Each stage's results can be read as soon as the stage is done, and the page's reruns (any widget
+change) neither wait for the analysis nor restart it; a cancelled job keeps its finished stages and
+can be started again from there.  No Streamlit here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
+
+from attribution.errors import AnalysisCancelled
+from attribution.report import STAGES, PairAnalysis
+from attribution.results import PairResults, Settings
+
+if TYPE_CHECKING:
+    from models import LoadedModel
+
+
+class PairJob:
+    """Both models' stages in one daemon thread.  `cancel(reason)` stops it at the next patched pass
+    or stage boundary; `start()` runs what is left (a no-op while running or once complete)."""
+
+    def __init__(self, ln: LoadedModel, lnfree: LoadedModel, settings: Settings):
+        self.analysis = PairAnalysis(ln, lnfree, settings)  # bad input fails here, in the caller's thread
+        self.progress: tuple[float, str] = (0.0, "waiting for the models")
+        self.error: Exception | None = None
+        self._cancel: str | None = None
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self.start()
+
+    @property
+    def stage(self) -> str | None:
+        """The last stage done for both models."""
+        return self.analysis.stage
+
+    @property
+    def results(self) -> PairResults | None:
+        return self.analysis.results
+
+    @property
+    def complete(self) -> bool:
+        return self.stage == STAGES[-1]
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def cancelled(self) -> str | None:
+        """Why the job was cancelled ("user", "superseded"), while it stops and after; None otherwise."""
+        return self._cancel
+
+    def start(self) -> None:
+        with self._changed:
+            self._cancel = None
+            if self._thread is None and not self.complete and self.error is None:
+                self._thread = threading.Thread(target=self._work, name="pair-analysis", daemon=True)
+                self._thread.start()
+
+    def cancel(self, reason: str = "user") -> None:
+        with self._changed:
+            if self._thread is not None:
+                self._cancel = reason
+                self._changed.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Until the next progress report or the end of the job, at most `timeout` seconds."""
+        with self._changed:
+            if self._thread is not None:
+                self._changed.wait(timeout)
+
+    def _report(self, fraction: float, text: str) -> None:
+        with self._changed:
+            self.progress = (fraction, text)
+            self._changed.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                self.analysis.run(STAGES[-1], self._report, lambda: self._cancel is not None)
+            except AnalysisCancelled:
+                pass
+            except Exception as err:  # noqa: BLE001 - the page shows it; the thread must not die silently
+                self.error = err
+            with self._changed:
+                if self.complete:
+                    self._cancel = None
+                if self.complete or self.error is not None or self._cancel is not None:
+                    self._thread = None
+                    self._changed.notify_all()
+                    return
+                # cancelled, then started again before this thread noticed: go on from where it stopped
+
+
+class JobStore:
+    """The jobs of recent views, shared by every browser session, bounded: an evicted job is cancelled
+    and forgotten.  Made under the store's lock, so two sessions opening one view share one job."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._jobs: OrderedDict[Hashable, PairJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], PairJob]) -> PairJob:
+        with self._lock:
+            if key in self._jobs:
+                self._jobs.move_to_end(key)
+                return self._jobs[key]
+            job = self._jobs[key] = make()
+            while len(self._jobs) > self.size:
+                self._jobs.popitem(last=False)[1].cancel("superseded")
+            return job
