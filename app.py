@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import threading
 from collections import OrderedDict
@@ -23,11 +22,11 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from attribution import AttributionInputError, PairResults, Settings, attention_pattern, compare, plots, view
+from attribution import AttributionInputError, PairResults, Settings, attention_pattern, plots, view
 from attribution import export as exporting
-from attribution.jobs import JobStore, PairJob
 from attribution.findings import pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
+from attribution.jobs import JobStore, PairJob
 from attribution.report import STAGE_TEXT
 from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
