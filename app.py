@@ -201,7 +201,8 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
     device = sb.selectbox("device", CHOICES["device"], key="device")
 
     sb.header("Task")
-    task = sb.radio("Task", CHOICES["task"], horizontal=True, label_visibility="collapsed", key="task")
+    task = sb.radio("Task", CHOICES["task"], index=CHOICES["task"].index("induction"), horizontal=True,
+                    label_visibility="collapsed", key="task")
     sb.caption(TASK_HELP[task])
     fields = {}
     if task == "custom":
@@ -256,7 +257,8 @@ def figure(pair: PairResults, method: str, name: str, caption: str = "") -> None
 
 
 def predictions(pair: PairResults) -> None:
-    st.caption("First clean prompt: " + "".join(pair.ln.str_tokens).replace("\n", " "))
+    st.caption(f"Metric: {plots.metric_name(pair)}. First clean prompt: "
+               + "".join(pair.ln.str_tokens).replace("\n", " "))
     cols = st.columns(2)
     for col, label, res in ((cols[0], "LN", pair.ln), (cols[1], "LN-free", pair.lnfree)):
         with col:
@@ -282,9 +284,6 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
 
 def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
-    st.caption("Over held-out text of the demo corpus: confidence-neuron ablation, first-token residual "
-               "norms and attention sinks, calibration, and the DLA error per head (arXiv 2507.02559, "
-               "section 5).")
     cols = st.columns([2, 1, 1])
     n_seq = cols[0].slider("Held-out sequences", 4, 128, 32, key="findings_n_seq")
     if cols[1].button("Run dataset analyses", key="findings_run"):
@@ -339,11 +338,16 @@ def main() -> None:
         job_state(job, pair.ln.stage)
 
 
+def section(title: str) -> None:
+    st.header(title)
+    st.caption(view.PANELS[title])
+
+
 def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Every panel, each as complete as the analysis's stage allows (later stages' panels say so)."""
-    st.header("1. Predictions")
+    section("1. Predictions")
     predictions(pair)
-    st.header("2. Direct logit attribution")
+    section("2. Direct logit attribution")
     m = st.columns(2)
     m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
     m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
@@ -351,23 +355,23 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
     figure(pair, method, "dla_layers")
     figure(pair, method, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
                               "when that head's output is removed from the final residual stream.")
-    st.header("3. Activation patching vs attribution patching")
+    section("3. Activation patching vs attribution patching")
     patching_panel(pair, method)
-    st.header("4. Logit lens")
+    section("4. Logit lens")
     figure(pair, method, "logit_lens")
-    st.header("5. Attention pattern")
+    section("5. Attention pattern")
     attention = st.container()  # filled last: its pass may wait for one of the running analysis
     problem = exporting.image_export_problem()
     if problem:
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
-    st.header("6. Summary")
+    section("6. Summary")
     summary = summary_rows(pair)
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
     cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
     cols[1].download_button("Download all (zip)", partial(exporting.bundle, pair, method),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
-    st.header("7. Dataset-level findings")
+    section("7. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)
     with attention:
         attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),

@@ -52,7 +52,7 @@ def _heatmap_pair(pair: PairResults, get: Callable[[ModelResults], np.ndarray], 
     return fig
 
 
-def _metric_name(pair: PairResults) -> str:
+def metric_name(pair: PairResults) -> str:
     m = pair.ln
     return f"logit({m.answer!r}) - logit({m.counterfactual!r})" if m.counterfactual else f"logit({m.answer!r})"
 
@@ -70,7 +70,7 @@ def dla_layers(pair: PairResults, method: str = "atp*") -> go.Figure:
                              marker_color=LN_COLOUR, showlegend=col == 1), row=1, col=col)
         fig.add_trace(go.Bar(x=layers, y=m.dla_mlp, name="MLP", marker_color=LNFREE_COLOUR,
                              showlegend=col == 1), row=1, col=col)
-    fig.update_layout(title=f"DLA per layer, metric {_metric_name(pair)}", barmode="group",
+    fig.update_layout(title=f"DLA per layer, metric {metric_name(pair)}", barmode="group",
                       yaxis_title="DLA")
     return fig
 
@@ -164,7 +164,7 @@ def logit_lens(pair: PairResults, method: str = "atp*") -> go.Figure:
         L = len(m.logit_lens) - 1
         x = [f"resid_pre {i}" for i in range(L)] + [f"resid_post {L - 1}"]
         fig.add_trace(go.Scatter(x=x, y=m.logit_lens, mode="lines+markers", name=name, line_color=colour))
-    fig.update_layout(title=f"Logit lens: {_metric_name(pair)} read through the final LN at each layer",
+    fig.update_layout(title=f"Logit lens: {metric_name(pair)} read through the final LN at each layer",
                       xaxis_title="residual stream", yaxis_title="metric")
     return fig
 

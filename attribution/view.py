@@ -10,6 +10,31 @@ RANGES = {"n_prompts": (1, 32), "seq_len": (4, 60), "top_k": (1, 30), "verify_to
 TEXT = ("ln_spec", "lnfree_spec", "prompt", "answer", "counterfactual", "corrupt")
 FLAGS = ("per_position", "full_sweeps")
 
+# What each panel shows and how to read it (one line under its header).
+PANELS = {
+    "1. Predictions": "The most likely next tokens at the metric position of the first clean prompt, and the "
+                      "metric (batch mean) on the clean and on the corrupted prompts: patching explains the gap "
+                      "between the two.",
+    "2. Direct logit attribution": "Each head's and MLP's direct contribution to the metric through the final "
+                                   "LayerNorm with its scale frozen at the clean value (DLA), against its true "
+                                   "direct effect (DE: the metric change when its output is removed from the "
+                                   "final residual, the LN recomputed). Without LN the two are equal.",
+    "3. Activation patching vs attribution patching": "The effect on the metric of patching each component's "
+                                                      "clean activation into the corrupted run, normalised so "
+                                                      "that 0 is the corrupted and 1 the clean metric: "
+                                                      "estimated from gradients (AtP; AtP* adds the QK fix and "
+                                                      "GradDrop), then checked by activation patching.",
+    "4. Logit lens": "The metric read from the residual stream entering each layer (and leaving the last) "
+                     "through the model's own final LN: where the answer becomes decodable.",
+    "5. Attention pattern": "One head's attention on the first clean prompt: rows are query positions, "
+                            "columns key positions.",
+    "6. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
+                  "and the JSON of the whole analysis.",
+    "7. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
+                                 "residual norms and attention sinks, calibration, and the DLA error per head "
+                                 "(arXiv 2507.02559, section 5). Run on request.",
+}
+
 
 def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair: str) -> tuple[dict, list[str]]:
     """Widget values from `streamlit run app.py -- --ln SPEC --lnfree SPEC [--dtype D] [--device D]`

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from attribution import Settings, compare
+from attribution import Settings, compare, view
 from models import load_bridge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +72,13 @@ def metric(at: AppTest, label: str) -> str:
 
 @needs_demo_pair
 def test_default_view_shows_demo_pair_numbers():
+    """The opening view: induction on the demo pair, which both models get right (the corrupted prompts
+    lower the metric), with every number the analysis's own."""
     at = complete(app().run())
     assert_complete(at)
-    ln = load_bridge("demo")
-    lf = load_bridge("demo-lnfree")
-    from attribution.tasks import PRESET
-
-    pair = compare(ln, lf, Settings(task="custom", **PRESET))
+    pair = compare(load_bridge("demo"), load_bridge("demo-lnfree"), Settings(task="induction", per_position=False))
+    assert all(r.metric_clean > r.metric_corrupt for r in (pair.ln, pair.lnfree))
+    assert all(r.top_tokens[0][0] == r.answer for r in (pair.ln, pair.lnfree))
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
     assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)") == f"{pair.lnfree.dla_nmae:.2e}"
     assert pair.lnfree.dla_nmae < 1e-5
@@ -87,8 +87,12 @@ def test_default_view_shows_demo_pair_numbers():
     summary = at.dataframe[-1].value
     assert summary.loc["DLA NMAE vs direct effect"].tolist() == pytest.approx(
         [pair.ln.dla_nmae, pair.lnfree.dla_nmae], abs=1e-9)
+    assert summary.loc["AtP* Spearman"].tolist() == pytest.approx(
+        [pair.ln.agreement["atpstar"]["spearman"], pair.lnfree.agreement["atpstar"]["spearman"]], abs=1e-9)
     top = at.dataframe[0].value
     assert top["next token"].tolist() == [t for t, _ in pair.ln.top_tokens]
+    captions = [c.value for c in at.main.caption]
+    assert all(text in captions for text in view.PANELS.values())  # each panel says how to read it
 
 
 @needs_demo_pair
