@@ -45,6 +45,10 @@ TASK_HELP = {
 }
 
 USER_ERRORS = (ModelSpecError, AttributionInputError)
+# Every widget's first value; the opening view is induction, which the demo pair gets right.
+DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
+            **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
+            "full_sweeps": False, "verify_top": Settings.verify_top}
 # What each choice widget offers (also what a link or the command line may choose).
 CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
            "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
@@ -145,7 +149,7 @@ def follow(job: PairJob, stage: str | None) -> None:
         st.rerun(scope="app")
     cols = st.columns([5, 1])
     cols[0].progress(*progress_args(job))
-    if cols[1].button("Cancel", key="cancel", help="Stop the running analysis; what is shown stays."):
+    if cols[1].button("Cancel analysis", key="cancel", help="Stop the running analysis; what is shown stays."):
         job.cancel("user")
         st.rerun(scope="app")
 
@@ -186,14 +190,14 @@ def progress_to(bar):
 def sidebar() -> tuple[str, str, str, str, Settings, str]:
     sb = st.sidebar
     sb.title("lnfree workbench")
-    label = sb.selectbox("Model pair (LN | LN-free)", CHOICES["pair"], index=list(PAIR_LABELS).index(DEFAULT_PAIR),
-                         key="pair")
+    for key, value in DEFAULTS.items():  # where the command line or the URL has not set them
+        st.session_state.setdefault(key, value)
+    label = sb.selectbox("Model pair (LN | LN-free)", CHOICES["pair"], key="pair")
     if label == CUSTOM_PAIR:
-        ln_spec = sb.text_input("LN model", "demo", key="ln_spec",
+        ln_spec = sb.text_input("LN model", key="ln_spec",
                                 help="Hub name or local directory; leave empty to use the LN-free model's base")
-        lnfree_spec = sb.text_input("LN-free model", "demo-lnfree",
-                                    help="Hub name or a directory written by `python -m lnfree.remove`",
-                                    key="lnfree_spec")
+        lnfree_spec = sb.text_input("LN-free model", help="Hub name or a directory written by `python -m "
+                                    "lnfree.remove`", key="lnfree_spec")
     else:
         ln_spec, lnfree_spec = PAIR_LABELS[label]
     dtype = sb.selectbox("dtype", CHOICES["dtype"], key="dtype",
@@ -201,33 +205,30 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
     device = sb.selectbox("device", CHOICES["device"], key="device")
 
     sb.header("Task")
-    task = sb.radio("Task", CHOICES["task"], index=CHOICES["task"].index("induction"), horizontal=True,
-                    label_visibility="collapsed", key="task")
+    task = sb.radio("Task", CHOICES["task"], horizontal=True, label_visibility="collapsed", key="task")
     sb.caption(TASK_HELP[task])
     fields = {}
     if task == "custom":
-        fields["prompt"] = sb.text_area("Prompt", PRESET["prompt"], key="prompt")
-        fields["answer"] = sb.text_input("Answer", PRESET["answer"], key="answer")
-        fields["counterfactual"] = sb.text_input("Counterfactual", PRESET["counterfactual"], key="counterfactual")
-        fields["corrupt"] = sb.text_area("Corrupted prompt (optional)", PRESET["corrupt"], key="corrupt")
-        fields["position"] = int(sb.number_input("Metric position (-1 = last)", value=-1, step=1,
-                                                 key="position"))
+        fields["prompt"] = sb.text_area("Prompt", key="prompt")
+        fields["answer"] = sb.text_input("Answer", key="answer")
+        fields["counterfactual"] = sb.text_input("Counterfactual", key="counterfactual")
+        fields["corrupt"] = sb.text_area("Corrupted prompt (optional)", key="corrupt")
+        fields["position"] = int(sb.number_input("Metric position (-1 = last)", step=1, key="position"))
     else:
-        fields["n_prompts"] = sb.slider("Prompts", *view.RANGES["n_prompts"], 8, key="n_prompts")
+        fields["n_prompts"] = sb.slider("Prompts", *view.RANGES["n_prompts"], key="n_prompts")
         if task == "induction":
-            fields["seq_len"] = sb.slider("Length of each random copy", *view.RANGES["seq_len"], 20, key="seq_len")
+            fields["seq_len"] = sb.slider("Length of each random copy", *view.RANGES["seq_len"], key="seq_len")
     sb.header("Settings")
-    top_k = sb.slider("Top-k", *view.RANGES["top_k"], 10, key="top_k")
+    top_k = sb.slider("Top-k", *view.RANGES["top_k"], key="top_k")
     method = sb.radio("Attribution patching", CHOICES["method"], horizontal=True,
                       format_func={"atp": "AtP", "atp*": "AtP*"}.get, key="method")
-    per_position = sb.checkbox("Also patch each head and MLP at each position", False, key="per_position",
+    per_position = sb.checkbox("Also patch each head and MLP at each position", key="per_position",
                                help="Per-position estimates, checked by patching like the others.")
-    full = sb.checkbox("Full activation-patching sweeps", False, key="full_sweeps",
+    full = sb.checkbox("Full activation-patching sweeps", key="full_sweeps",
                        help="Patch every component (L x H heads, L x positions residuals, ...), not only the "
                             "ones AtP* ranks highest: slow on large models.")
     verify_top = Settings.verify_top if full else sb.slider(
-        "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], Settings.verify_top,
-        key="verify_top")
+        "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], key="verify_top")
     settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,
                         verify_top=verify_top, **fields)
     return ln_spec, lnfree_spec, dtype, device, settings, method
@@ -275,8 +276,11 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
     cols = st.columns(2)
     layer = cols[0].number_input("Layer", 0, n_layers - 1, n_layers - 1, key="layer")
     head = cols[1].number_input("Head", 0, n_heads - 1, 0, key="head")
-    p_ln, tok_ln = get_pattern(ln_spec, dtype, device, key, int(layer), int(head))
-    p_lf, tok_lf = get_pattern(lnfree_spec, dtype, device, key, int(layer), int(head))
+    (p_ln, tok_ln), (p_lf, tok_lf) = (
+        # Kept by the analysis (no pass), unless too large to keep: then one pass of the first prompt.
+        attention_pattern(get_model(spec, dtype, device), pair.settings, int(layer), int(head), res)
+        if res.attention is not None else get_pattern(spec, dtype, device, key, int(layer), int(head))
+        for spec, res in ((ln_spec, pair.ln), (lnfree_spec, pair.lnfree)))
     fig = plots.attention_figure(p_ln, tok_ln, p_lf, tok_lf, int(layer), int(head))
     st.plotly_chart(fig, key="fig-attention")
     download_row(fig, f"attention_L{layer}H{head}", None, key="attention")

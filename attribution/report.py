@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 Progress = Callable[[float, str], None] | None
 ShouldStop = Callable[[], bool] | None
 MEMORY_SHARE = 0.5  # share of free memory one analysis may plan to use
+MAX_PATTERN_ELEMENTS = 2**25  # the first prompt's attention patterns are kept up to 128 MiB (float32)
 
 
 def _tok_str(tokenizer, ids) -> list[str]:
@@ -162,7 +163,14 @@ class Analysis:
         bridge, task, tok, clock = self.model.bridge, self.task, self.model.bridge.tokenizer, self.clock
         L, H, T = bridge.cfg.n_layers, bridge.cfg.n_heads, task.clean.shape[1]
         clean_names = sorted(set(dla_names(L) + (grad_names(L, True) if task.corrupt is not None else [])))
-        with torch.no_grad(), clock("clean forward"):
+        keep = T * T * L * H <= MAX_PATTERN_ELEMENTS
+        patterns: dict[str, torch.Tensor] = {}
+
+        def first_prompt(x, hook):  # the attention view reads these, so a head switch runs no pass
+            patterns[hook.name] = x[0].detach().float().cpu()
+
+        with torch.no_grad(), clock("clean forward"), \
+                bridge.hooks(fwd_hooks=[(hooks.pattern(i), first_prompt) for i in range(L)] if keep else []):
             logits, cache = bridge.run_with_cache(task.clean, names_filter=clean_names)
         probs = logits[0, task.position].double().softmax(-1)
         top = probs.topk(min(self.settings.top_k, probs.numel()))
@@ -182,6 +190,7 @@ class Analysis:
             dla_nmae_mlp=nmae(d.mlp, d.de_mlp), dla_neurons=d.neurons, logit_lens=_np(d.logit_lens),
             str_tokens=_tok_str(tok, task.clean[0]), answer=tok.decode([int(task.answer[0])]),
             counterfactual="" if task.counterfactual is None else tok.decode([int(task.counterfactual[0])]),
+            attention=np.stack([patterns[hooks.pattern(i)].numpy() for i in range(L)]) if keep else None,
             patch_heads=np.full((L, H), nan), patch_resid=np.full((L, T), nan), patch_mlp=np.full(L, nan),
             atp_heads=np.full((L, H), nan), atpstar_heads=np.full((L, H), nan),
             atp_resid=np.full((L, T), nan), atpstar_resid=np.full((L, T), nan), atp_mlp=np.full(L, nan),
@@ -272,13 +281,17 @@ def compare(ln: LoadedModel, lnfree: LoadedModel, settings: Settings, progress: 
     return PairAnalysis(ln, lnfree, settings).run(STAGES[-1], progress, should_stop)
 
 
-def attention_pattern(model: LoadedModel, settings: Settings, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
-    """One head's attention pattern [T, T] on the first clean prompt, and its token strings."""
+def attention_pattern(model: LoadedModel, settings: Settings, layer: int, head: int,
+                      results: ModelResults | None = None) -> tuple[np.ndarray, list[str]]:
+    """One head's attention pattern [T, T] on the first clean prompt, and its token strings: read from
+    `results` when the analysis kept the patterns, else from one pass of that prompt."""
     bridge = model.bridge
     cfg = bridge.cfg
     if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise AttributionInputError(
             f"Head L{layer}H{head} does not exist; the model has {cfg.n_layers} layers x {cfg.n_heads} heads.")
+    if results is not None and results.attention is not None:
+        return results.attention[layer, head].astype(np.float64), results.str_tokens
     task = tasks.build(bridge.tokenizer, settings, cfg.n_ctx)
     name = hooks.pattern(layer)
     with model.lock:

@@ -70,9 +70,10 @@ class ModelResults:
     passes: dict = field(default_factory=dict)  # full forward passes, backward passes, patched runs
     cost: dict = field(default_factory=dict)    # each stage's wall time in forward-pass equivalents
     stage: str = "verification"      # the last stage done (report.STAGES): later stages' arrays are NaN
+    attention: np.ndarray | None = field(default=None, repr=False)  # [L, H, T, T] first prompt; not exported
 
     def to_dict(self) -> dict:
-        out = {k: jsonable(v) for k, v in asdict(self).items()}
+        out = {k: jsonable(v) for k, v in asdict(self).items() if k != "attention"}
         for method in ("atp", "atpstar"):
             for key in ("pearson", "spearman", "topk_recall", "mae"):
                 out[f"{method}_{key}"] = jsonable(self.agreement.get(method, {}).get(key, math.nan))

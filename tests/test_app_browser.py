@@ -88,6 +88,8 @@ def test_app_in_chromium(served_app, tmp_path):
         page.goto(served_app)
         # The default view computes on the demo pair without any click.
         expect(page.get_by_text("6. Summary")).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
+            timeout=240_000)  # the last stage is done
         expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
         assert page.locator(".js-plotly-plot").count() >= 8
         for text in ("1. Predictions", "2. Direct logit attribution", "5. Attention pattern"):
@@ -106,8 +108,39 @@ def test_app_in_chromium(served_app, tmp_path):
         # Self-contained: plotly.js is inlined (megabytes), no external <script src=...>.
         assert len(html) > 1_000_000 and "Plotly.newPlot" in html
         assert not re.search(r"<script[^>]*\bsrc=", html)
+
+        # A new prompt: its predictions and DLA replace the old ones, then the rest follows.
+        page.goto(served_app + "/?task=custom")
+        prompt = page.get_by_label("Prompt", exact=True)
+        prompt.fill("In the beginning God created the sea and the")
+        prompt.press("Control+Enter")
+        expect(page.get_by_text("God created the sea and the",
+                                exact=False)).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
+            timeout=120_000)
+        assert page.locator("[data-testid='stException']").count() == 0
         browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_cancel_in_chromium(served_app):
+    """A long verification (full per-position sweeps) shows its progress under the finished panels, and
+    Cancel stops it, keeping them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page.goto(served_app + "/?task=induction&n_prompts=32&seq_len=60&full_sweeps=true&per_position=true")
+        cancel = page.get_by_role("button", name="Cancel analysis", exact=True)
+        expect(cancel).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("LN-free: DLA error (NMAE vs true direct effect)")).to_be_visible()
+        cancel.click()
+        expect(page.get_by_text("Cancelled after", exact=False)).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("button", name="Run the rest")).to_be_visible()
+        expect(page.get_by_text("LN-free: DLA error (NMAE vs true direct effect)")).to_be_visible()
+        assert page.locator("[data-testid='stException']").count() == 0
+        browser.close()
 
 
 def test_an_idle_server_is_idle(tmp_path):
@@ -122,7 +155,8 @@ def test_an_idle_server_is_idle(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page()
             page.goto(url)
-            expect(page.get_by_text("6. Summary")).to_be_visible(timeout=240_000)
+            expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
+                timeout=240_000)  # the whole analysis is done
             expect(page.get_by_role("heading", name=f"LN-free: {lnfree}", exact=True)).to_be_visible()
             expect(page.get_by_role("heading", name="LN: demo", exact=True)).to_be_visible()
             time.sleep(3)  # let the run finish sending
