@@ -58,5 +58,5 @@ def test_headline_numbers_match_transformers(which, request):
                                   attention_pattern(model, IOI, layer, head)):
                 assert pattern.shape == tuple(want.shape)
                 assert pattern.ravel().tolist() == pytest.approx(want.flatten().tolist(), abs=1e-5)
+                assert len(strs) == task.clean.shape[1]
     assert res.attention is not None and "attention" not in res.to_dict()
-    assert len(strs) == task.clean.shape[1]
