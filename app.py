@@ -48,7 +48,7 @@ USER_ERRORS = (ModelSpecError, AttributionInputError)
 # Every widget's first value; the opening view is induction, which the demo pair gets right.
 DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
             **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
-            "full_sweeps": False, "verify_top": Settings.verify_top}
+            "full_sweeps": False, "verify_top": Settings.verify_top, "live": True}
 # What each choice widget offers (also what a link or the command line may choose).
 CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
            "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
@@ -141,17 +141,22 @@ def progress_args(job: PairJob) -> tuple[float, str]:
     return min(max(fraction, 0.0), 1.0), text
 
 
-@st.fragment(run_every=0.5)
-def follow(job: PairJob, stage: str | None) -> None:
-    """The running analysis's progress and a Cancel button.  Only this fragment reruns meanwhile (the
-    panels stay put); the page reruns once the job is past `stage`, the stage the page shows."""
-    if job.stage != stage or not job.running or job.cancelled:
-        st.rerun(scope="app")
-    cols = st.columns([5, 1])
-    cols[0].progress(*progress_args(job))
+def follow(job: PairJob, shown: str | None) -> None:
+    """The running analysis's progress, Cancel, and (with live updates) a wait for its next stage, then
+    a rerun of the page to show it.  The wait is the page run's last step and only moves the bar, so
+    any widget change interrupts it at once, and the analysis goes on in the background meanwhile."""
+    cols = st.columns([5, 1, 1])
+    bar = cols[0].progress(*progress_args(job))
     if cols[1].button("Cancel analysis", key="cancel", help="Stop the running analysis; what is shown stays."):
         job.cancel("user")
-        st.rerun(scope="app")
+        st.rerun()
+    cols[2].button("Refresh", key="refresh", help="Show what the analysis has done so far.")
+    if not st.session_state.get("live", True):
+        return
+    while job.running and job.stage == shown and not job.cancelled:
+        job.wait(0.5)
+        bar.progress(*progress_args(job))  # also where a widget change interrupts this run
+    st.rerun()
 
 
 def job_state(job: PairJob, shown: str | None) -> None:
@@ -227,6 +232,8 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
     full = sb.checkbox("Full activation-patching sweeps", key="full_sweeps",
                        help="Patch every component (L x H heads, L x positions residuals, ...), not only the "
                             "ones AtP* ranks highest: slow on large models.")
+    sb.checkbox("Live updates", key="live", help="Show each stage of a running analysis as it is done "
+                "(off: the page shows what is done when it is drawn; 'Refresh' shows more).")
     verify_top = Settings.verify_top if full else sb.slider(
         "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], key="verify_top")
     settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,

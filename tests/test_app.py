@@ -274,7 +274,8 @@ def test_view_parsing_against_its_definition():
 
 def test_numbers_come_first_and_cancel_keeps_them(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):
     """Predictions, DLA and AtP are on the page while activation patching still runs; a view option
-    changes nothing computed; Cancel leaves a consistent page, and 'Run the rest' completes it."""
+    changes nothing computed; Cancel leaves a consistent page, and 'Run the rest' completes it (with
+    live updates: the page follows the job to its end by itself)."""
     from attribution import report
     from attribution.errors import AnalysisCancelled
 
@@ -298,7 +299,8 @@ def test_numbers_come_first_and_cancel_keeps_them(tiny_ln_dir, tiny_lnfree_dir, 
 
 
 def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) -> None:
-    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), **settings).run()
+    # Without live updates a page run shows what is done and returns (with them, it waits for each stage).
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), live=False, **settings).run()
     job = at.session_state["job"]
     while job.stage != "attribution":
         job.wait(0.5)
@@ -325,7 +327,8 @@ def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) ->
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
 
     gate.set()
-    complete(at.button(key="resume").click().run())
+    at.sidebar.checkbox(key="live").check()
+    at.button(key="resume").click().run()
     assert_complete(at)
     assert not at.warning and "patch_heads" in figures(at)
     np.testing.assert_allclose(job.results.ln.patch_heads, pair.ln.patch_heads, atol=1e-9, equal_nan=True)
