@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import threading
+import time
 from collections import OrderedDict
 from functools import partial
 
@@ -45,6 +46,8 @@ TASK_HELP = {
 }
 
 USER_ERRORS = (ModelSpecError, AttributionInputError)
+GRACE_S = 1.0  # a stage done within this of the one before is drawn with it
+SHORT_S = 0.4  # how long the first drawing waits for the rest of an analysis after its numbers
 # Every widget's first value; the opening view is induction, which the demo pair gets right.
 DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
             **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
@@ -128,11 +131,16 @@ def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: S
 
 
 def wait_for_numbers(job: PairJob) -> None:
-    """Block (with a progress bar) until the first stage is done: the page has nothing to show before."""
+    """Block (with a progress bar) until the first stage is done, the page has nothing to show before,
+    and then up to SHORT_S more: an analysis done by then is drawn once, complete (each redraw of the
+    page costs about a second)."""
     bar = st.progress(0.0, text="Computing predictions and DLA...")
-    while job.stage is None and job.running and not job.cancelled:
-        job.wait(0.1)
+    done = None
+    while job.running and not job.cancelled and (done is None or time.monotonic() - done < SHORT_S):
+        job.wait(0.05)
         bar.progress(*progress_args(job))
+        if done is None and job.stage is not None:
+            done = time.monotonic()
     bar.empty()
 
 
@@ -143,7 +151,8 @@ def progress_args(job: PairJob) -> tuple[float, str]:
 
 def follow(job: PairJob, shown: str | None) -> None:
     """The running analysis's progress, Cancel, and (with live updates) a wait for its next stage, then
-    a rerun of the page to show it.  The wait is the page run's last step and only moves the bar, so
+    a rerun of the page to show it (a stage that ends within GRACE_S of the one before is shown with
+    it: each rerun redraws every figure).  The wait is the page run's last step and only moves the bar, so
     any widget change interrupts it at once, and the analysis goes on in the background meanwhile."""
     cols = st.columns([5, 1, 1])
     bar = cols[0].progress(*progress_args(job))
@@ -153,9 +162,12 @@ def follow(job: PairJob, shown: str | None) -> None:
     cols[2].button("Refresh", key="refresh", help="Show what the analysis has done so far.")
     if not st.session_state.get("live", True):
         return
-    while job.running and job.stage == shown and not job.cancelled:
-        job.wait(0.5)
+    changed = None  # when the job got past the stage shown: the page reruns GRACE_S later, or at its end
+    while job.running and not job.cancelled and (changed is None or time.monotonic() - changed < GRACE_S):
+        job.wait(0.25)
         bar.progress(*progress_args(job))  # also where a widget change interrupts this run
+        if changed is None and job.stage != shown:
+            changed = time.monotonic()
     st.rerun()
 
 
@@ -171,6 +183,8 @@ def job_state(job: PairJob, shown: str | None) -> None:
         if st.button("Run the rest", key="resume"):
             job.start()
             st.rerun()
+    elif job.stage != shown:  # it got further while the page was drawn
+        st.rerun()
     elif job.running:
         follow(job, shown)
 

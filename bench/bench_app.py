@@ -44,10 +44,14 @@ def import_floor(repeats: int = 3) -> float:
 
 
 def wait_numbers(page, text: str, timeout_ms: int = 300_000) -> None:
-    """The predictions (their caption shows `text`, the prompt) and the DLA metrics are drawn, not stale."""
+    """The predictions (their caption shows `text`, the prompt) and the DLA metrics are drawn, not stale
+    (the figures below them may still be on their way)."""
     page.get_by_text(text).first.wait_for(timeout=timeout_ms)
-    page.get_by_text(DLA_LABEL).wait_for(timeout=timeout_ms)
-    page.wait_for_function(NOT_STALE, timeout=timeout_ms)
+    page.wait_for_function(
+        """label => { const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
+                                 .filter(e => e.innerText.includes(label));
+                      return m.length > 0 && m.every(e => !e.closest('[data-stale="true"]')); }""",
+        arg=DLA_LABEL, timeout=timeout_ms)
 
 
 def wait_complete(page, timeout_ms: int = 600_000) -> None:
