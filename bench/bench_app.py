@@ -46,12 +46,15 @@ def import_floor(repeats: int = 3) -> float:
 def wait_numbers(page, text: str, timeout_ms: int = 300_000) -> None:
     """The predictions (their caption shows `text`, the prompt) and the DLA metrics are drawn, not stale
     (the figures below them may still be on their way)."""
-    page.get_by_text(text).first.wait_for(timeout=timeout_ms)
     page.wait_for_function(
-        """label => { const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
-                                 .filter(e => e.innerText.includes(label));
-                      return m.length > 0 && m.every(e => !e.closest('[data-stale="true"]')); }""",
-        arg=DLA_LABEL, timeout=timeout_ms)
+        """([text, label]) => {
+             const fresh = e => !e.closest('[data-stale="true"]');
+             const caption = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
+                               .filter(e => e.innerText.includes('First clean prompt') && e.innerText.includes(text));
+             const dla = [...document.querySelectorAll('[data-testid="stMetric"]')]
+                           .filter(e => e.innerText.includes(label));
+             return caption.length > 0 && caption.every(fresh) && dla.length > 0 && dla.every(fresh); }""",
+        arg=[text, DLA_LABEL], timeout=timeout_ms)
 
 
 def wait_complete(page, timeout_ms: int = 600_000) -> None:
@@ -82,7 +85,7 @@ def demo(browser) -> dict:
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
-        wait_numbers(page, "First clean prompt")
+        wait_numbers(page, "")
         first = time.perf_counter() - t0
         wait_complete(page)
         cold = time.perf_counter() - t0
