@@ -4,6 +4,8 @@ CLI and the plots show (attribution.results).
 An analysis makes one clean forward pass (cached: the predictions, the metric and DLA / DE read from
 it), one corrupted forward pass with gradients and its backward passes (AtP, AtP*), and activation
 patching that starts from those two passes: by default it checks the components AtP* ranks highest.
+Those are its three stages (`Analysis`, `PairAnalysis`), callable one at a time so that the app can
+show each stage's numbers while the next one runs.
 """
 
 from __future__ import annotations
