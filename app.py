@@ -14,9 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
-import threading
 import time
-from collections import OrderedDict
 from functools import partial
 
 import pandas as pd
@@ -27,7 +25,7 @@ from attribution import AttributionInputError, PairResults, Settings, attention_
 from attribution import export as exporting
 from attribution.findings import pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
-from attribution.jobs import JobStore, PairJob
+from attribution.jobs import LRU, PairJob
 from attribution.report import STAGE_TEXT
 from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
@@ -83,36 +81,10 @@ def get_model(spec: str, dtype: str, device: str):
     return load_bridge(spec, dtype, device)
 
 
-class LRU(OrderedDict):
-    """Findings kept across reruns, bounded.  (st.cache_data cannot drive a progress bar from inside.)
-
-    Shared by every browser session (each runs in its own thread), so the dict is only touched
-    under a lock; the computation itself runs outside it, so one session's analysis never blocks
-    another's cached lookups.
-    """
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-        self.lock = threading.Lock()
-
-    def get_or_compute(self, key, compute):
-        with self.lock:
-            if key in self:
-                self.move_to_end(key)
-                return self[key]
-        value = compute()
-        with self.lock:
-            self[key] = value
-            while len(self) > self.size:
-                self.popitem(last=False)
-        return value
-
-
 @st.cache_resource
 def result_store() -> dict:
     """Shared by every session: the analyses of recent views (running or done), the findings."""
-    return {"jobs": JobStore(8), "findings": LRU(8)}
+    return {"jobs": LRU(8, evict=lambda job: job.cancel("superseded")), "findings": LRU(8)}
 
 
 def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> PairJob:
@@ -199,7 +171,7 @@ def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq:
         return pair_findings(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), n_seq,
                              progress=progress)
 
-    return result_store()["findings"].get_or_compute((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
+    return result_store()["findings"].get((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
 
 
 def progress_to(bar):

@@ -97,21 +97,24 @@ class PairJob:
                 # cancelled, then started again before this thread noticed: go on from where it stopped
 
 
-class JobStore:
-    """The jobs of recent views, shared by every browser session, bounded: an evicted job is cancelled
-    and forgotten.  Made under the store's lock, so two sessions opening one view share one job."""
+class LRU:
+    """Recent values by key (the app's jobs, its findings), shared by every browser session, bounded: the
+    oldest is dropped (and handed to `evict`).  A value is made under the lock, so two sessions asking
+    for one key share one value; a computation made this way serialises on the models' locks anyway."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._jobs: OrderedDict[Hashable, PairJob] = OrderedDict()
+    def __init__(self, size: int, evict: Callable[[object], None] | None = None):
+        self.size, self.evict = size, evict
+        self._values: OrderedDict[Hashable, object] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, make: Callable[[], PairJob]) -> PairJob:
+    def get(self, key: Hashable, make: Callable[[], object]):
         with self._lock:
-            if key in self._jobs:
-                self._jobs.move_to_end(key)
-                return self._jobs[key]
-            job = self._jobs[key] = make()
-            while len(self._jobs) > self.size:
-                self._jobs.popitem(last=False)[1].cancel("superseded")
-            return job
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            value = self._values[key] = make()
+            while len(self._values) > self.size:
+                old = self._values.popitem(last=False)[1]
+                if self.evict:
+                    self.evict(old)
+            return value
