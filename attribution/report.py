@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 Progress = Callable[[float, str], None] | None
 ShouldStop = Callable[[], bool] | None
 MEMORY_SHARE = 0.5  # share of free memory one analysis may plan to use
-MAX_PATTERN_ELEMENTS = 2**25  # the first prompt's attention patterns are kept up to 128 MiB (float32)
+MAX_PATTERN_ELEMENTS = 2**23  # first-prompt attention patterns kept up to 32 MiB (float32): the app keeps 8 views
 
 
 def _tok_str(tokenizer, ids) -> list[str]:
