@@ -27,6 +27,12 @@ def lnfree_pair(tiny_lnfree_dir):
     return bridge, load_hf(str(tiny_lnfree_dir))[0]
 
 
+@pytest.fixture(scope="session")
+def demo_pair():
+    """The demo pair (bridge, HF model) each: a trained model with confident predictions and, with BOS, sinks."""
+    return {spec: (load_bridge(spec).bridge, load_hf(spec)[0]) for spec in ("demo", "demo-lnfree")}
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tokenizer, tiny_sigmas):
     ln_dir, lf_dir = tmp_path_factory.mktemp("planted_ln"), tmp_path_factory.mktemp("planted_lnfree")

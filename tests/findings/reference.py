@@ -1,10 +1,17 @@
 """Independent references for the findings: the Hugging Face model with torch hooks, or the definition
-written out, and a model with a planted confidence neuron."""
+written out, and a model with a planted confidence neuron.
+
+The paper_* functions are the definitions of the paper's code (github.com/submarat/removing-layer-norm)
+written out here in plain torch / numpy from the Hugging Face model, float64: its models are
+TransformerLens models with fold_ln, center_writing_weights and center_unembed, which
+`paper_unembedding` reproduces by hand.
+"""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from tests.conftest import tiny_model
@@ -59,14 +66,15 @@ def ref_ece(conf: list[float], correct: list[float], n_bins: int) -> tuple[float
 
 def hf_mlp_ablation(model, ids: torch.Tensor, neurons: list[int],
                     layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the clean run and of the run with `neurons` of `layer` set to their mean (torch hooks)."""
+    """Logits of the clean run and of the run with `neurons` of `layer` set to their mean over the
+    predicting positions 0..T-2 (the paper's mean), by torch hooks on the real forward pass."""
     act = model.transformer.h[layer].mlp.act
     seen = []
     h = act.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
     with torch.no_grad():
         clean = model(ids).logits
     h.remove()
-    mean = seen[0][..., neurons].mean((0, 1))
+    mean = seen[0][:, :-1, neurons].mean((0, 1))
 
     def replace(m, i, o):
         o = o.clone()
@@ -124,3 +132,158 @@ def hf_head_effects(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     L = cfg.n_layer
     stack = lambda xs: torch.stack(xs, -1).reshape(*xs[0].shape, L, H).double()  # noqa: E731
     return stack(dla), stack(de)
+
+
+def _double(model):
+    return copy.deepcopy(model).double().eval()
+
+
+def is_lnfree(model) -> bool:
+    return hasattr(model.transformer.ln_f, "sigma") or model.config.layer_norm_epsilon >= 1e6
+
+
+def paper_gain(model) -> torch.Tensor:
+    """ln_f's gain as the paper's loaders see it: the weight, or for an LN-free checkpoint (weight = gamma *
+    1e6 / sigma, eps 1e12) the weight / 1e6 = gamma / sigma (NoLNModelLoader); load_hf's exact LN-free
+    modules hold gamma and sigma separately."""
+    ln = model.transformer.ln_f
+    w = ln.weight.detach().double()
+    if hasattr(ln, "sigma"):
+        return w / ln.sigma
+    return w / 1e6 if is_lnfree(model) else w
+
+
+def paper_unembedding(model) -> torch.Tensor:
+    """W_U [d, V] as TransformerLens holds it after fold_ln + center_unembed: gain folded in, centred
+    over d_model (fold_ln's centring of reading weights), then over the vocabulary."""
+    W = model.lm_head.weight.detach().double().T * paper_gain(model)[:, None]
+    W = W - W.mean(0, keepdim=True)
+    return W - W.mean(1, keepdim=True)
+
+
+def paper_sink_rate(attentions, eps: float = 0.3) -> tuple[float, torch.Tensor]:
+    """utils.calculate_sink_rate: per layer, count (query, head) with attention on key 0 > eps, divide by
+    T, sum over layers, mean over the batch, divide by L * H.  Also the per-head share [L, H]."""
+    L, (B, H, T, _) = len(attentions), attentions[0].shape
+    total = torch.zeros(B, dtype=torch.float64)
+    per_head = torch.zeros(L, H, dtype=torch.float64)
+    for layer, att in enumerate(attentions):
+        hit = att.double()[:, :, :, 0] > eps                       # [B, H, T]
+        total += hit.sum((1, 2)).double() / T
+        per_head[layer] = hit.double().mean((0, 2))
+    return float(total.mean() / (L * H)), per_head
+
+
+def paper_norm_streams(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream at the paper's points, centred (center_writing_weights), float64 [B, T, d] each:
+    embed, pos_embed, resid_mid / resid_post of each block, ln_final.hook_normalized."""
+    m = _double(model)
+    attn_out, final = [], []
+    hooks = [blk.attn.register_forward_hook(lambda mod, i, o: attn_out.append(o[0].detach())) for blk in m.transformer.h]
+    hooks.append(m.transformer.ln_f.register_forward_pre_hook(lambda mod, args: final.append(args[0].detach())))
+    with torch.no_grad():
+        hs = m(ids, output_hidden_states=True).hidden_states
+        T = ids.shape[1]
+        streams = [m.transformer.wte(ids), m.transformer.wpe(torch.arange(T))[None].expand(ids.shape[0], -1, -1)]
+    for h in hooks:
+        h.remove()
+    L = m.config.n_layer
+    for i in range(L):
+        streams.append(hs[i] + attn_out[i])                          # resid_mid
+        streams.append(hs[i + 1] if i < L - 1 else final[0])         # resid_post (hs[L] is after ln_f)
+    x = final[0]
+    xc = x - x.mean(-1, keepdim=True)
+    streams.append(xc if is_lnfree(model) else xc / (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())
+    return [s - s.mean(-1, keepdim=True) for s in streams]
+
+
+def paper_neuron_scores(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """svd_comparison.py: ||W_out[n]|| / var_v(cos(W_U[:, v], W_out[n])) over the last layer, with
+    W_out centred over d_model and W_U as paper_unembedding.  (score, norm, logit var), float64 [d_mlp]."""
+    W_out = model.transformer.h[-1].mlp.c_proj.weight.detach().double()      # Conv1D: [d_mlp, d]
+    W_out = W_out - W_out.mean(1, keepdim=True)
+    W_U = paper_unembedding(model)
+    cos = (W_out / W_out.norm(dim=1, keepdim=True)) @ (W_U / W_U.norm(dim=0, keepdim=True))
+    var = cos.var(dim=1)                                                        # unbiased, as torch.var
+    norm = W_out.norm(dim=1)
+    return norm / var, norm, var
+
+
+def paper_ablation(model, ids: torch.Tensor, neuron: int) -> dict:
+    """ablate_all_models.py on the float64 model: the last-layer neuron's mean activation over positions
+    0..T-2, the real forward pass with it replaced, per-token |change| in CE and entropy and their
+    median / quartiles (numpy's), and the mean activation."""
+    m = _double(model)
+    act = m.transformer.h[-1].mlp.act
+    seen = []
+    h = act.register_forward_hook(lambda mod, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        clean = m(ids).logits
+    h.remove()
+    mean = seen[0][:, :-1, neuron].mean()
+
+    def replace(mod, i, o):
+        o = o.clone()
+        o[..., neuron] = mean
+        return o
+
+    h = act.register_forward_hook(replace)
+    with torch.no_grad():
+        ablated = m(ids).logits
+    h.remove()
+    before, after = ref_stats(clean, ids), ref_stats(ablated, ids)
+    out = {"mean_activation": float(mean), "mean_all_positions": float(seen[0][..., neuron].mean()),
+           "signed_delta_ce": float((after["ce"] - before["ce"]).mean())}
+    for key, field in (("ce", "ce"), ("entropy", "entropy")):
+        d = (after[field] - before[field]).abs().flatten().numpy()
+        q1, med, q3 = np.percentile(d, [25, 50, 75])
+        out.update({f"median_abs_delta_{key}": med, f"q1_abs_delta_{key}": q1, f"q3_abs_delta_{key}": q3})
+    return out
+
+
+def paper_head_dla(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_analysis.py's DLA and direct effect per head [B, L*H] (float64): at the last position, the
+    target the input token there, through paper_unembedding; LN models through an LN without gain
+    (eps 1e-5, as its apply_layer_norm), LN-free ones with no normalisation at all."""
+    m = _double(model)
+    merged, final = [], []
+    hooks = [blk.attn.c_proj.register_forward_pre_hook(lambda mod, args: merged.append(args[0].detach()))
+             for blk in m.transformer.h]
+    hooks.append(m.transformer.ln_f.register_forward_pre_hook(lambda mod, args: final.append(args[0].detach())))
+    with torch.no_grad():
+        m(ids)
+        for h in hooks:
+            h.remove()
+        return _paper_head_dla(m, model, ids, merged, final[0])
+
+
+def _paper_head_dla(m, model, ids, merged, final):
+    cfg = m.config
+    H, dh = cfg.n_head, cfg.n_embd // cfg.n_head
+    x = final[:, -1]                                                        # [B, d]
+    W = paper_unembedding(model)[:, ids[:, -1]].T                           # [B, d]
+    lnfree = is_lnfree(model)
+
+    def normalise(v):
+        if lnfree:
+            return v
+        v = v - v.mean(-1, keepdim=True)
+        return v / (v.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+
+    scale = 1.0 if lnfree else (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    logit = (normalise(x) * W).sum(-1)
+    dla, de = [], []
+    for layer, z in enumerate(merged):
+        Wo = m.transformer.h[layer].attn.c_proj.weight
+        for head in range(H):
+            c = z[:, -1, head * dh:(head + 1) * dh] @ Wo[head * dh:(head + 1) * dh]    # [B, d]
+            cc = c if lnfree else c - c.mean(-1, keepdim=True)
+            dla.append((cc / scale * W).sum(-1))
+            de.append(logit - (normalise(x - c) * W).sum(-1))
+    return torch.stack(dla, 1), torch.stack(de, 1)
+
+
+def paper_nmae(dla: torch.Tensor, de: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-head and global NMAE (run_analysis.py, as shares): mean |DLA - DE| / mean |DE|."""
+    diff = (dla - de).abs()
+    return diff.mean(0) / de.abs().mean(0), float(diff.mean() / de.abs().mean())

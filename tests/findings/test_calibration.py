@@ -1,9 +1,11 @@
-"""attribution.findings.calibration: entropy and ECE against their definitions and the HF model."""
+"""attribution.findings.calibration: entropy and ECE against their definitions and the HF model; ECE as the
+paper's analyse_models.py (10 equal-width bins, np.digitize)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +34,33 @@ def test_entropy_and_ece_on_hand_made_logits():
     assert out["bins"][0]["accuracy"] is None
     ce = sum(-math.log(row[t]) for row, t in zip(probs, targets.tolist(), strict=True)) / 4   # includes a 200-nat miss
     assert out["ce"] == pytest.approx(ce, rel=1e-6)
+
+
+def paper_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """analyse_models.py's calculate_ece_with_ci (its ECE, without the interval), written out with numpy."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = idx == b
+        if mask.any():
+            ece += mask.sum() / len(conf) * abs(conf[mask].mean() - correct[mask].mean())
+    return float(ece)
+
+
+@pytest.mark.parametrize("spec", ["demo", "demo-lnfree"])
+def test_ece_is_the_papers_with_10_bins(demo_pair, spec):
+    bridge, hf = demo_pair[spec]
+    tokens = fnd.heldout_tokens(bridge.tokenizer, 64, 8)
+    out = fnd.calibration(bridge, tokens)                     # the default: the paper's 10 bins
+    with torch.no_grad():
+        s = ref_stats(hf(tokens).logits, tokens)
+    conf, correct = s["confidence"].flatten().numpy(), s["correct"].flatten().numpy()
+    assert out["n_bins"] == 10 and len(out["bins"]) == 10
+    assert out["ece"] == pytest.approx(paper_ece(conf, correct), abs=1e-6)
+    assert [b["lo"] for b in out["bins"]] == np.linspace(0, 1, 11)[:-1].tolist()
+    assert abs(paper_ece(conf, correct, 15) - paper_ece(conf, correct)) > 1e-4   # 15 bins (the old default) differ
+    assert fnd.calibration(bridge, tokens, n_bins=15)["ece"] == pytest.approx(paper_ece(conf, correct, 15), abs=1e-6)
 
 
 def test_calibration_matches_hf_model(ln_pair, tokens, monkeypatch):
