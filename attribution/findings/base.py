@@ -21,6 +21,16 @@ MEMORY_SHARE = 0.25   # share of free memory one batch may use
 MAX_BATCH = 64
 MAX_SOURCE_TOKENS = 4_000_000  # of a user's text file, for heldout_tokens
 
+# How each held-out sequence begins.  The paper's code analyses packed chunks with no BOS (its DataLoader's
+# prepend_bos=False in every findings script, and the packed Pile chunks of pile_eval.py for the sink rate);
+# the app prepends <|endoftext|> to its prompts, as the paper's DataLoader does with prepend_bos=True.
+BOS_PROTOCOLS = {
+    "packed": "packed chunks, no BOS (the paper's code: prepend_bos=False)",
+    "prepend": "<|endoftext|> prepended to each chunk, its last token dropped (as the app's prompts; "
+               "the paper's DataLoader with prepend_bos=True)",
+}
+DEFAULT_BOS = "packed"
+
 
 class FindingsInputError(AttributionInputError):
     """Bad tokens or settings for a findings analysis; the message is one sentence for the user."""
@@ -82,9 +92,11 @@ def sub_progress(progress: Progress, lo: float, hi: float, prefix: str = "") -> 
     return lambda f, text: progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), prefix + text)
 
 
-def next_token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position CE, entropy, top-1 confidence and correctness for predictions 0..T-2: each [B, T-1]."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+def next_token_stats(logits: torch.Tensor, tokens: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Per-position CE, entropy, top-1 confidence and correctness for predictions 0..T-2: each [B, T-1],
+    computed in `dtype` (float32 by default, at least)."""
+    logp = F.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, dtype)), dim=-1)
     target = tokens[:, 1:]
     ce = -logp.gather(-1, target[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1)
@@ -92,7 +104,13 @@ def next_token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, to
     return {"ce": ce, "entropy": entropy, "confidence": conf.exp(), "correct": (pred == target).float()}
 
 
-def heldout_tokens(tokenizer, n_ctx: int, n_seq: int, source: str = "demo") -> torch.Tensor:
+def check_bos(bos: str) -> str:
+    if bos not in BOS_PROTOCOLS:
+        raise FindingsInputError(f"Unknown BOS protocol {bos!r}; use one of: {', '.join(BOS_PROTOCOLS)}.")
+    return bos
+
+
+def heldout_tokens(tokenizer, n_ctx: int, n_seq: int, source: str = "demo", bos: str = DEFAULT_BOS) -> torch.Tensor:
     """`n_seq` chunks [n_seq, n_ctx] of held-out text, tokenized and packed with EOT.
 
     The text is packed into consecutive chunks (models.corpus.pack) and `n_seq`
@@ -100,10 +118,14 @@ def heldout_tokens(tokenizer, n_ctx: int, n_seq: int, source: str = "demo") -> t
     representative of the whole text rather than its beginning).  source "demo" is
     the held-out split of the embedded demo corpus; otherwise a path to a UTF-8
     text file whose blank-line-separated paragraphs are the documents (at most
-    MAX_SOURCE_TOKENS tokens of it are used).
+    MAX_SOURCE_TOKENS tokens of it are used).  bos (BOS_PROTOCOLS): "packed" keeps
+    the chunks as they are (the paper's protocol); "prepend" puts EOT before each
+    chunk and drops its last token, so every sequence starts with <|endoftext|>
+    as the app's prompts do.
     """
     from models.corpus import load_passages, pack
 
+    check_bos(bos)
     if n_seq < 1 or n_ctx < 2:
         raise FindingsInputError("Ask for at least one sequence of at least 2 tokens.")
     if source == "demo":
@@ -126,4 +148,7 @@ def heldout_tokens(tokenizer, n_ctx: int, n_seq: int, source: str = "demo") -> t
     if chunks.shape[0] < n_seq:
         raise FindingsInputError(
             f"The held-out text gives only {chunks.shape[0]} sequences of {n_ctx} tokens; lower n_seq.")
-    return chunks[torch.linspace(0, chunks.shape[0] - 1, n_seq).round().long()]
+    chunks = chunks[torch.linspace(0, chunks.shape[0] - 1, n_seq).round().long()]
+    if bos == "prepend":
+        chunks = torch.cat([torch.full_like(chunks[:, :1], eot), chunks[:, :-1]], 1)
+    return chunks

@@ -1,11 +1,14 @@
 """CLI: the paper's other findings (confidence neurons, first-token norms, sinks, calibration, DLA error).
 
     python -m attribution.findings --ln demo --lnfree demo-lnfree --n-seq 64 \\
-        --out findings.json --figures findings_figures/
+        --out findings.json --figures findings_figures/ [--bos prepend] [--variants]
 
-Runs attribution.findings.pair_findings on held-out text and writes the
-numbers as JSON (and each figure as self-contained HTML into --figures).
-A mistake in the arguments ends with one line on stderr and exit code 2.
+Runs attribution.findings.pair_findings on held-out text, each finding by the
+paper's code's definition, and writes the numbers as JSON (and each figure as
+self-contained HTML into --figures).  --bos says how each sequence begins
+(`packed`, the paper's: packed chunks, no BOS; `prepend`: <|endoftext|> first, as
+the app's prompts); --variants adds our variants of the findings, marked as
+such.  A mistake in the arguments ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-seq", type=int, default=64, help="held-out sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's n_ctx)")
     p.add_argument("--source", default="demo", help="held-out text: `demo` or a UTF-8 text file (default demo)")
-    p.add_argument("--k", type=int, default=5, help="confidence-neuron candidates to ablate (default 5)")
+    p.add_argument("--bos", default="packed",
+                   help="how each sequence begins: `packed` chunks with no BOS (default, the paper's code) or "
+                        "`prepend` <|endoftext|> (as the app's prompts)")
+    p.add_argument("--variants", action="store_true",
+                   help="also compute our variants of the findings (JSON keys in settings.variants)")
+    p.add_argument("--k", type=int, default=3, help="confidence-neuron candidates to ablate (default 3, the paper's)")
     p.add_argument("--threshold", type=float, default=0.3, help="attention-sink threshold (default 0.3)")
-    p.add_argument("--bins", type=int, default=15, help="calibration bins (default 15)")
+    p.add_argument("--bins", type=int, default=10, help="calibration bins (default 10, the paper's)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", required=True, help="JSON file for the numbers")
@@ -35,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     from attribution.findings import FindingsInputError
+    from attribution.findings.base import check_bos
 
+    check_bos(args.bos)
     if args.n_seq < 1:
         raise FindingsInputError("--n-seq must be at least 1.")
     if args.seq_len is not None and args.seq_len < 2:
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         bars[0].update(max(0, int(f * 1000) - bars[0].n))
 
     result = pair_findings(ln, lf, args.n_seq, args.seq_len, args.source, progress, k=args.k,
-                           threshold=args.threshold, n_bins=args.bins)
+                           threshold=args.threshold, n_bins=args.bins, bos=args.bos, variants=args.variants)
     for bar in bars:
         bar.close()
     return result
@@ -80,14 +90,19 @@ def summary(result: dict) -> str:
     def fmt(v, unit):
         if v is None:
             return "n/a"
-        return f"{v:.2%}" if unit == "share" else f"{v:+.4f}" if "delta" in unit else f"{v:.4g}"
+        return f"{v:.2%}" if unit == "share" else f"{v:+.4f}" if unit.startswith("delta") else f"{v:.4g}"
 
+    s = result["settings"]
     rows = [("", "LN", "LN-free", "paper (LN -> LN-free)")]
     for r in summary_table(result):
-        unit = "delta" if "delta" in r["metric"] else r["unit"]
-        rows.append((r["metric"], fmt(r["ln"], unit), fmt(r["lnfree"], unit), r["paper"]))
+        rows.append((r["metric"], fmt(r["ln"], r["unit"]), fmt(r["lnfree"], r["unit"]), r["paper"]))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}".rstrip() for a, b, c, d in rows)
+    lines = [f"BOS protocol: {s['bos']} ({s['bos_protocol']})",
+             f"definitions: {s['definitions']}" + (" (and our variants, marked)" if s.get("variants") else ""),
+             f"{s['n_seq']} sequences of {s['seq_len']} tokens from {s['source']}; ablated neurons "
+             f"{s['ablated_neurons']} of layer {s['ablated_layer']}; sink threshold {s['threshold']:g}; "
+             f"{s['n_bins']} calibration bins"]
+    return "\n".join(lines + [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}".rstrip() for a, b, c, d in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

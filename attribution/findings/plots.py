@@ -27,7 +27,7 @@ def _finite_max(*grids) -> float:
 
 
 def norms_figure(result: dict) -> go.Figure:
-    """Mean residual-stream L2 norm per layer, at position 0 and at the other positions."""
+    """Mean L2 norm of the centred residual stream at each point, at position 0 and at the other positions."""
     fig = _pair([label for _, label in MODELS])
     for col, (key, _) in enumerate(MODELS, start=1):
         n = result[key]["norms"]
@@ -65,10 +65,11 @@ def _heatmap_pair(result: dict, section: str, field: str, title: str, colorbar: 
 
 
 def sink_figure(result: dict) -> go.Figure:
-    """Per head: the share of sequences on which it puts >= threshold of its attention on position 0."""
+    """Per head: the share of (sequence, query) pairs whose attention on position 0 is > threshold."""
     thr = result["ln"]["sinks"]["threshold"]
-    return _heatmap_pair(result, "sinks", "per_head", f"Attention sinks (mean attention on the first token "
-                         f">= {thr:g})", "sink share", 1.0, lambda s: f"sink rate {s['rate']:.1%}", ".2f", ".0%")
+    return _heatmap_pair(result, "sinks", "per_head", f"Attention sinks (share of queries with attention on the "
+                         f"first token > {thr:g})", "sink share", 1.0, lambda s: f"sink rate {s['rate']:.1%}",
+                         ".2f", ".0%")
 
 
 def dla_error_figure(result: dict) -> go.Figure:
@@ -111,20 +112,24 @@ def reliability_figure(result: dict) -> go.Figure:
 
 
 def neurons_figure(result: dict) -> go.Figure:
-    """Change in CE and in output entropy when the confidence-neuron candidates are mean-ablated."""
+    """Per confidence-neuron candidate, mean-ablated alone: the median per-token |change| in CE and in
+    output entropy, with the interquartile range as error bars (the paper's box plots' boxes)."""
     fig = _pair([label for _, label in MODELS])
     for col, (key, _) in enumerate(MODELS, start=1):
-        ab = result[key]["ablation"]
-        names = ["all " + str(len(ab["neurons"]))] + [f"N{p['neuron']}" for p in ab.get("per_neuron", [])]
-        for field, name in (("delta_ce", "delta CE"), ("delta_entropy", "delta entropy")):
-            ys = [ab[field]] + [p[field] for p in ab.get("per_neuron", [])]
-            fig.add_trace(go.Bar(x=names, y=ys, name=name + " (nats)", marker={"color": COLORS[field]},
+        rows = result[key]["ablation"]["per_neuron"]
+        names = [f"N{p['neuron']}" for p in rows]
+        for field, name in (("delta_ce", "|delta CE|"), ("delta_entropy", "|delta entropy|")):
+            med = [p[f"median_abs_{field}"] for p in rows]
+            fig.add_trace(go.Bar(x=names, y=med, name="median " + name + " (nats)", marker={"color": COLORS[field]},
+                                 error_y={"type": "data", "symmetric": False,
+                                          "array": [p[f"q3_abs_{field}"] - m for p, m in zip(rows, med, strict=True)],
+                                          "arrayminus": [m - p[f"q1_abs_{field}"] for p, m in zip(rows, med, strict=True)]},
                                  legendgroup=field, showlegend=col == 1,
-                                 hovertemplate="%{x}: %{y:.4g} nats<extra>" + name + "</extra>"), 1, col)
+                                 hovertemplate="%{x}: median %{y:.4g} nats<extra>" + name + "</extra>"), 1, col)
     layer = result["ln"]["ablation"]["layer"]
-    fig.update_yaxes(title_text="change when mean-ablated (nats)", col=1)
-    fig.update_xaxes(title_text=f"layer {layer} neurons")
-    fig.update_layout(title="Confidence-neuron candidates: mean ablation", barmode="group", height=420)
+    fig.update_yaxes(title_text="per-token |change| when mean-ablated (nats)", col=1)
+    fig.update_xaxes(title_text=f"layer {layer} neurons, each ablated alone")
+    fig.update_layout(title="Confidence-neuron candidates: mean ablation (median, IQR)", barmode="group", height=420)
     return fig
 
 

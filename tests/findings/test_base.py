@@ -57,6 +57,8 @@ def test_bad_inputs(ln_pair, tokens, tokenizer):
         fnd.heldout_tokens(tokenizer, 64, 10**6)
     with pytest.raises(ValueError):  # FindingsInputError is a ValueError for the app and the CLI
         fnd.heldout_tokens(tokenizer, 64, 2, source="/nonexistent.txt")
+    with pytest.raises(fnd.FindingsInputError, match="BOS protocol"):
+        fnd.heldout_tokens(tokenizer, 32, 2, bos="bos")
 
 
 def test_heldout_tokens_are_packed_demo_text(tokenizer):
@@ -80,3 +82,21 @@ def test_heldout_tokens_from_a_text_file(tokenizer, tmp_path):
     chunks = fnd.heldout_tokens(tokenizer, 16, 2, source=str(path))
     ref = pack([tokenizer.encode(p, add_special_tokens=False) for p in paragraphs], tokenizer.eos_token_id, 16)
     assert len(ref) > 2 and torch.equal(chunks, ref[[0, len(ref) - 1]])
+
+
+def test_bos_protocols(tokenizer):
+    """`packed` (the default, the paper's: its DataLoader's prepend_bos=False) keeps the chunks; `prepend`
+    puts <|endoftext|> first and drops the last token (the DataLoader's prepend_bos=True: [bos] + ids,
+    truncated to the context)."""
+    import inspect
+
+    packed = fnd.heldout_tokens(tokenizer, 32, 3)
+    assert torch.equal(fnd.heldout_tokens(tokenizer, 32, 3, bos="packed"), packed)
+    prepended = fnd.heldout_tokens(tokenizer, 32, 3, bos="prepend")
+    eot = tokenizer.eos_token_id
+    assert prepended.shape == packed.shape
+    assert (prepended[:, 0] == eot).all() and torch.equal(prepended[:, 1:], packed[:, :-1])
+    assert not (packed[:, 0] == eot).all()                       # packed chunks mostly start mid-text
+    for fn in (fnd.heldout_tokens, fnd.pair_findings):
+        assert inspect.signature(fn).parameters["bos"].default == "packed" == fnd.DEFAULT_BOS
+    assert set(fnd.BOS_PROTOCOLS) == {"packed", "prepend"}

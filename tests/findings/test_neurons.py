@@ -1,6 +1,9 @@
-"""attribution.findings.neurons: the planted confidence neuron is found; mean ablation against torch hooks."""
+"""attribution.findings.neurons: the paper's candidate criterion and per-token ablation effects against
+their definitions written out from the HF model (tests/findings/reference.py)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,58 +12,87 @@ from attribution import findings as fnd
 from tests.findings.reference import (
     PLANTED,
     hf_mlp_ablation,
+    paper_ablation,
+    paper_neuron_scores,
     ref_stats,
 )
 
 
+@pytest.mark.parametrize("pair", ["ln_pair", "lnfree_pair"])
+def test_candidates_are_the_papers_ranking(pair, request):
+    bridge, hf = request.getfixturevalue(pair)
+    cands = fnd.confidence_neurons(bridge, k=5)
+    score, norm, var = paper_neuron_scores(hf)
+    ref = torch.sort(score, descending=True).indices[:5].tolist()
+    assert [c["neuron"] for c in cands] == ref
+    for c in cands:
+        n = c["neuron"]
+        assert c["score"] == pytest.approx(float(score[n]), rel=1e-4)
+        assert c["w_out_norm"] == pytest.approx(float(norm[n]), rel=1e-5)
+        assert c["logit_var"] == pytest.approx(float(var[n]), rel=1e-4)
+    assert set(cands[0]) == {"neuron", "layer", "w_out_norm", "logit_var", "score"}
+
+
 def test_planted_confidence_neuron_is_found(planted):
-    ln_bridge, _ = planted["ln"]
-    lf_bridge, lf_hf = planted["lnfree"]
-    cands = fnd.confidence_neurons(ln_bridge, k=3)
-    assert [c["neuron"] for c in cands][0] == PLANTED
-    assert cands[0]["effective_unembed_proj"] < 1e-4 and cands[0]["norm_ratio"] > 1
-    assert cands[0]["score"] > cands[1]["score"] > 0
-    # The effective projection, recomputed through the LN-free model's own (linear) ln_f and lm_head.
-    W_out = lf_hf.transformer.h[-1].mlp.c_proj.weight.detach()          # [d_mlp, d]
-    d = W_out.shape[1]
+    for name in ("ln", "lnfree"):
+        cands = fnd.confidence_neurons(planted[name][0], k=3)
+        assert cands[0]["neuron"] == PLANTED, name
+        assert cands[0]["logit_var"] < 1e-10 < cands[1]["logit_var"]          # it writes into the null space
+        assert cands[0]["score"] > cands[1]["score"] > cands[2]["score"] > 0
+
+
+def test_ablation_is_the_papers_per_token_median(ln_pair, tokens):
+    bridge, hf = ln_pair
+    neurons = [c["neuron"] for c in fnd.confidence_neurons(bridge, k=2)]
+    out = fnd.ablate_neurons(bridge, tokens, neurons)
+    assert out["neurons"] == neurons and "signed" not in out
+    assert out["n_predictions"] == tokens.shape[0] * (tokens.shape[1] - 1)
+    for row, n, mean in zip(out["per_neuron"], neurons, out["mean_activation"], strict=True):
+        ref = paper_ablation(hf, tokens, n)
+        assert row["neuron"] == n
+        assert mean == pytest.approx(ref["mean_activation"], rel=1e-5)
+        # The mean is over the predicting positions 0..T-2, not all positions (our old definition).
+        assert abs(ref["mean_all_positions"] - ref["mean_activation"]) > 1e-3 * abs(ref["mean_activation"])
+        scale = ref["q3_abs_delta_ce"]
+        assert scale > 1e-6
+        for key in ("median_abs_delta_ce", "q1_abs_delta_ce", "q3_abs_delta_ce", "median_abs_delta_entropy",
+                    "q1_abs_delta_entropy", "q3_abs_delta_entropy"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), key
+        # The median |change| is not the signed mean change (our old number).
+        assert abs(abs(ref["signed_delta_ce"]) - row["median_abs_delta_ce"]) > 0.05 * row["median_abs_delta_ce"]
     with torch.no_grad():
-        def spread(w):
-            logits = lf_hf.lm_head(lf_hf.transformer.ln_f(w) - lf_hf.transformer.ln_f(torch.zeros(d)))
-            return logits - logits.mean(-1, keepdim=True)
-        typical = spread(torch.eye(d)).pow(2).sum(-1).mean().sqrt()      # mean over a basis = ||A||_F^2 / d
-        ref = spread(W_out).norm(dim=-1) / W_out.norm(dim=-1) / typical
-    mine = fnd.unembed_projection(lf_bridge, lf_bridge.W_out[-1])
-    assert (mine - ref).abs().max() < 1e-4 * ref.max()
-    # sigma cancels: the LN model (same gamma) gives the same values.
-    assert (fnd.unembed_projection(ln_bridge, ln_bridge.W_out[-1]) - mine).abs().max() < 1e-4 * ref.max()
+        before = ref_stats(hf(tokens).logits, tokens)
+    assert out["ce_before"] == pytest.approx(float(before["ce"].mean()), abs=1e-5)
+    assert out["entropy_before"] == pytest.approx(float(before["entropy"].mean()), abs=1e-5)
 
 
-def test_mean_ablation_matches_torch_hooks(planted, tokens):
+def test_planted_neuron_acts_with_ln_only(planted, tokens):
+    ln = fnd.ablate_neurons(planted["ln"][0], tokens, [PLANTED])["per_neuron"][0]
+    ref = paper_ablation(planted["ln"][1], tokens, PLANTED)
+    assert ln["median_abs_delta_entropy"] == pytest.approx(ref["median_abs_delta_entropy"], rel=1e-3)
+    assert ln["median_abs_delta_entropy"] > 1e-3             # with LN it acts through the final LN's scale
+    lf = fnd.ablate_neurons(planted["lnfree"][0], tokens, [PLANTED])["per_neuron"][0]
+    assert lf["q3_abs_delta_entropy"] < 1e-5 and lf["q3_abs_delta_ce"] < 1e-5   # LN-free: null space only
+
+
+def test_signed_variant_matches_torch_hooks(planted, tokens):
     bridge, hf = planted["ln"]
     neurons = [PLANTED, 3]
-    out = fnd.ablate_neurons(bridge, tokens, neurons, individually=True)
-    for group, got in [(neurons, out), ([PLANTED], out["per_neuron"][0]), ([3], out["per_neuron"][1])]:
-        clean, ablated = hf_mlp_ablation(hf, tokens, group)
-        before, after = ref_stats(clean, tokens), ref_stats(ablated, tokens)
-        d_ce = float(after["ce"].mean() - before["ce"].mean())
-        d_ent = float(after["entropy"].mean() - before["entropy"].mean())
-        assert got["delta_ce"] == pytest.approx(d_ce, abs=1e-5)
-        assert got["delta_entropy"] == pytest.approx(d_ent, abs=1e-5)
-    assert out["entropy_before"] == pytest.approx(float(before["entropy"].mean()), abs=1e-5)
-    assert out["ce_before"] == pytest.approx(float(before["ce"].mean()), abs=1e-5)
-    # With LN the planted neuron matters through the final LN's scale ...
+    out = fnd.ablate_neurons(bridge, tokens, neurons, signed=True)["signed"]
+    assert out["definition"].startswith("our variant")
+    for group, got in [(neurons, out["joint"]), ([PLANTED], out["per_neuron"][0]), ([3], out["per_neuron"][1])]:
+        before, after = (ref_stats(lg, tokens) for lg in hf_mlp_ablation(hf, tokens, group))
+        assert got["delta_ce"] == pytest.approx(float((after["ce"] - before["ce"]).mean()), abs=1e-5)
+        assert got["delta_entropy"] == pytest.approx(float((after["entropy"] - before["entropy"]).mean()), abs=1e-5)
     assert abs(out["per_neuron"][0]["delta_entropy"]) > 1e-3
-    # ... LN-free it writes only into the null space, so ablating it changes nothing.
-    lf = fnd.ablate_neurons(planted["lnfree"][0], tokens, [PLANTED])
-    assert abs(lf["delta_entropy"]) < 1e-5 and abs(lf["delta_ce"]) < 1e-5
 
 
-def test_mean_ablation_in_an_earlier_layer_matches_torch_hooks(ln_pair, tokens):
+def test_ablation_in_an_earlier_layer_matches_torch_hooks(ln_pair, tokens):
     bridge, hf = ln_pair
-    neurons = list(range(0, 256, 2))  # half the layer: a clear effect on the random tiny model
-    out = fnd.ablate_neurons(bridge, tokens, neurons, layer=0)
-    before, after = (ref_stats(lg, tokens) for lg in hf_mlp_ablation(hf, tokens, neurons, layer=0))
-    assert out["delta_ce"] == pytest.approx(float(after["ce"].mean() - before["ce"].mean()), abs=2e-6)
-    assert out["delta_entropy"] == pytest.approx(
-        float(after["entropy"].mean() - before["entropy"].mean()), abs=2e-6)
-    assert abs(out["delta_ce"]) > 1e-3
+    out = fnd.ablate_neurons(bridge, tokens, [5], layer=0)["per_neuron"][0]
+    before, after = (ref_stats(lg, tokens) for lg in hf_mlp_ablation(hf, tokens, [5], layer=0))
+    d = (after["ce"] - before["ce"]).abs().flatten().sort().values
+    n = len(d)
+    median = float(d[(n - 1) // 2] + d[n // 2]) / 2           # n is even: the mean of the middle two
+    assert out["median_abs_delta_ce"] == pytest.approx(median, rel=1e-3, abs=1e-7)
+    assert median > 1e-6 and not math.isnan(out["q3_abs_delta_ce"])
