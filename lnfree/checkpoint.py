@@ -3,25 +3,81 @@
 A checkpoint is written into `.tmp-step-N` and renamed to `step-N` only when
 complete, so a SIGKILL at any moment leaves either the previous checkpoint or
 the new one.  The LR scheduler is stored in the JSON (Accelerate would pickle it).
+A checkpoint damaged afterwards (a truncated copy, a deleted file) is recognised
+by `problem`, so that a resume can fall back to the one before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
+
+from lnfree.files import remove_tree, writing
 
 KEEP = 2
 STATE_FILE = "trainer_state.json"
+STATE_KEYS = ("step", "tokens", "lr_scale", "recoveries", "gnorm_level", "scheduler", "train_ces")
+NAME = re.compile(r"step-(\d+)")
+
+
+def step_of(path: Path) -> int:
+    return int(NAME.fullmatch(path.name).group(1))
 
 
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under root, oldest first."""
+    """Finished checkpoints under root (named step-N, with a trainer state), oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in root.iterdir() if NAME.fullmatch(p.name) and (p / STATE_FILE).exists()]
+    return sorted(done, key=step_of)
+
+
+def strays(root: Path) -> list[Path]:
+    """Entries under root that are not checkpoints (nor our temporary or set-aside ones)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not NAME.fullmatch(p.name) and not p.name.startswith((".", "skipped-")))
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """The file is as long as its header says (a truncated copy is not)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, MemoryError):
+            return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    return os.path.getsize(path) == 8 + n + max(ends, default=0)
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be resumed from, in words; None when it looks complete."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"its {STATE_FILE} is empty or not JSON"
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        return f"its {STATE_FILE} lacks the trainer's state"
+    if state["step"] != step_of(path):
+        return f"its {STATE_FILE} says step {state['step']!r}, not {step_of(path)}"
+    model, opt = path / "model.safetensors", path / "optimizer.bin"
+    for f in (model, opt):
+        if not f.is_file():
+            return f"its {f.name} is missing"
+    if not _safetensors_complete(model):
+        return "its model.safetensors is truncated"
+    if not zipfile.is_zipfile(opt):  # torch.save writes a zip whose directory comes last
+        return "its optimizer.bin is truncated"
+    return None
 
 
 def scheduler_state(scheduler) -> dict:
@@ -34,22 +90,33 @@ def load_scheduler_state(scheduler, state: dict) -> None:
 
 
 def save(accelerator, root: Path, step: int, trainer_state: dict) -> Path:
-    """Write checkpoint `step` atomically (all processes call this); prune to the last KEEP."""
+    """Write checkpoint `step` atomically (all processes call this); prune to the last KEEP.
+
+    A failed write (full disk) removes its temporary directory, to give the space back, and raises
+    WriteError: the previous checkpoints are untouched.
+    """
     tmp, final = root / f".tmp-step-{step:06d}", root / f"step-{step:06d}"
+    try:
+        with writing(final, f"checkpoint {final}"):
+            if accelerator.is_main_process:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if accelerator.is_main_process:
+                with open(tmp / STATE_FILE, "w") as f:
+                    json.dump(trainer_state, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                remove_tree(final)
+                os.rename(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(trainer_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
         for old in checkpoints(root)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -164,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     read = lambda p: json.loads(Path(p).read_text()) if p else None  # noqa: E731
     run_dir = Path(args.run_dir)
     control = read(Path(args.control) / "run.json") if args.control else None
-    (run_dir / "README.md").write_text(twin_card(read(run_dir / "run.json"), control, read(args.eval),
-                                                 args.command, args.note))
+    from lnfree.files import write_atomic
+
+    write_atomic(run_dir / "README.md", twin_card(read(run_dir / "run.json"), control, read(args.eval),
+                                                  args.command, args.note))
     return 0
 
 

@@ -101,6 +101,7 @@ class Run:
         self.sched_lr = get_cosine_with_min_lr_schedule_with_warmup(
             self.opt, min(self.r.warmup, cfg.max_steps), cfg.max_steps, min_lr=self.r.min_lr)
         self.step, self.tokens, self.lr_scale, self.recoveries = 0, 0, 1.0, 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or restored
         self.gnorm_level: float | None = None
         self.train_ces: list[float] = []
         self.t0, self.wall_before = time.time(), 0.0  # wall time of earlier (killed) segments of the run
@@ -125,6 +126,13 @@ class Run:
 
     def save(self) -> None:
         ckpt.save(self.acc, self.ckpt_root, self.step, self.trainer_state())
+        self.saved_step = self.step
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (a signal may reach only some of them)."""
+        if self.world == 1:
+            return flag
+        return bool(self.acc.gather(torch.tensor([flag], device=self.acc.device)).any())
 
     def restore(self, path: Path, resume: bool = False) -> None:
         state = ckpt.load(self.acc, path)
@@ -136,6 +144,7 @@ class Run:
         self.initial_ce = state.get("initial_ce")
         ckpt.load_scheduler_state(self.sched_lr, state["scheduler"])
         self.set_lr_scale(state["lr_scale"])
+        self.saved_step = self.step
 
     def set_lr_scale(self, scale: float) -> None:
         self.lr_scale = scale
