@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lnfree.files import file_kind
 from lnfree.spans import repeated_spans
 from models.corpus import load_passages, pack
 
@@ -66,14 +69,37 @@ def _stream_hub(name: str, split: str) -> Iterator[str]:
                         f"check network access or use --data PATH with local text.") from None
 
 
-def _local_documents(path: Path) -> list[str]:
-    if not path.exists():
-        raise DataError(f"Data path {str(path)!r} does not exist.")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+def check_source(source: str) -> None:
+    """Refuse a local data path that does not exist or is neither a file nor a folder (a named pipe or a
+    device would block the read forever), by its type, without opening it."""
+    if source in DATASETS:
+        return
+    try:
+        mode = os.stat(source).st_mode
+    except FileNotFoundError:
+        raise DataError(f"Data path {source!r} does not exist.") from None
+    except OSError as err:
+        raise DataError(f"Data path {source!r} cannot be read ({err.strerror}).") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"Data path {source!r} is {file_kind(mode)}, not a file or a folder; give a .txt or "
+                        f".jsonl file, or a folder of them.")
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and not p.is_dir())
+    for f in files:
+        check_source(str(f))
     if not files:
         raise DataError(f"{str(path)!r} holds no .txt or .jsonl files.")
+    return files
+
+
+def _local_documents(path: Path) -> list[str]:
+    check_source(str(path))
     docs: list[str] = []
-    for f in files:
+    for f in _data_files(path):
         try:
             if f.suffix == ".jsonl":
                 for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
@@ -95,11 +121,20 @@ def _local_documents(path: Path) -> list[str]:
     return docs
 
 
+def _split_text(text: str, split: str) -> list[str]:
+    """One document without paragraphs: its last LOCAL_HELDOUT_FRACTION of characters (from a space or a
+    line break on) are held out, the rest is training text."""
+    cut = int(len(text) * (1 - LOCAL_HELDOUT_FRACTION))
+    space = min((i for i in (text.find(" ", cut), text.find("\n", cut)) if i >= 0), default=cut)
+    return [text[space:] if split == "heldout" else text[:space]]
+
+
 def documents(source: str, split: str) -> Iterable[str]:
     """Documents of `source` ("openwebtext", "pile-filtered", "demo", or a local path) for a split.
 
     Local data: whole .txt files (or paragraphs, for a single file) and .jsonl rows;
-    the last LOCAL_HELDOUT_FRACTION of them (at least one) are held out.
+    the last LOCAL_HELDOUT_FRACTION of them (at least one) are held out.  A single
+    document without paragraphs holds out the last LOCAL_HELDOUT_FRACTION of its text.
     """
     if source == "demo":
         return load_passages("train" if split == "train" else "heldout")
@@ -108,8 +143,10 @@ def documents(source: str, split: str) -> Iterable[str]:
     docs = _local_documents(Path(source))
     if len(docs) == 1:  # one long text file: split it into paragraphs so that it can be held out
         docs = [p for p in docs[0].split("\n\n") if p.strip()]
-    n_held = max(1, int(len(docs) * LOCAL_HELDOUT_FRACTION)) if len(docs) > 1 else 0
-    return docs[len(docs) - n_held:] if split == "heldout" else docs[: len(docs) - n_held] or docs
+        if len(docs) == 1:
+            return _split_text(docs[0], split)
+    n_held = max(1, int(len(docs) * LOCAL_HELDOUT_FRACTION))
+    return docs[len(docs) - n_held:] if split == "heldout" else docs[: len(docs) - n_held]
 
 
 def tokenize_chunks(docs: Iterable[str], tokenizer, n_ctx: int, max_tokens: int | None = None,
@@ -146,7 +183,8 @@ class TrainData:
 
     def __init__(self, chunks: torch.Tensor, seed: int):
         if len(chunks) == 0:
-            raise DataError("The training data is shorter than one context window; give more text.")
+            raise DataError("The training data is shorter than one context window; give more text or a lower "
+                            "--n-ctx.")
         # int32 halves the memory of a materialised stream (GPT-2 vocabularies fit easily).
         self.chunks, self.seed = chunks.to(torch.int32), seed
         self._perms: dict[int, torch.Tensor] = {}
@@ -185,5 +223,6 @@ def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None
         train = torch.cat([train, spans])
     held = tokenize_chunks(documents(source, "heldout"), tokenizer, n_ctx, eval_tokens, desc="tokenising held-out")
     if len(held) == 0:
-        raise DataError("The held-out split is shorter than one context window; give more text.")
+        raise DataError(f"The held-out split of {source} (its last {LOCAL_HELDOUT_FRACTION:.0%}) is shorter than "
+                        f"one context window of {n_ctx} tokens; give more text or a lower --n-ctx.")
     return TrainData(train, seed), held

@@ -67,3 +67,36 @@ def test_span_frac_mixes_repeated_spans_into_training_only(tmp_path, tokenizer):
     body = spans[:, 1:]
     for row, n in zip(body, lengths.tolist(), strict=True):
         assert torch.equal(row[n:], row[:-n])
+
+
+def test_one_text_without_paragraphs_holds_out_its_last_five_percent(tmp_path, tokenizer):
+    text = " ".join(f"word{i}" for i in range(4000))  # one line, no blank line: one document
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    train, = data.documents(str(path), "train")
+    held, = data.documents(str(path), "heldout")
+    assert train + held == text
+    assert len(held) == pytest.approx(data.LOCAL_HELDOUT_FRACTION * len(text), rel=0.01)
+    assert held.startswith(" ")  # cut between words
+    chunks, held_chunks = data.load_train_eval(str(path), tokenizer, 16, None, 10_000, seed=0)
+    assert len(chunks.chunks) > 10 * len(held_chunks) > 0
+
+
+def test_short_heldout_split_says_what_to_change(tmp_path, tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("a few words " * 30)
+    with pytest.raises(data.DataError, match="shorter than one context window of 64 tokens; give more text or a "
+                                             "lower --n-ctx"):
+        data.load_train_eval(str(path), tokenizer, 64, None, 10_000, seed=0)
+
+
+def test_named_pipes_and_devices_are_refused_without_opening_them(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for source, kind in ((tmp_path / "pipe.jsonl", "a named pipe"), ("/dev/null", "a character device")):
+        with pytest.raises(data.DataError, match=f"is {kind}, not a file or a folder"):
+            data.documents(str(source), "train")
+    (tmp_path / "ok.txt").write_text("text " * 100)
+    with pytest.raises(data.DataError, match="pipe.jsonl' is a named pipe"):
+        data.documents(str(tmp_path), "train")  # a folder holding one
