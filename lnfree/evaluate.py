@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from lnfree.data import DATASETS, DataError, documents, tokenize_chunks
+from lnfree.config import EXIT_USER, UserError
+from lnfree.data import DATASETS, DataError, check_source, documents, tokenize_chunks
+from lnfree.files import check_output_file, write_atomic
 from lnfree.quality import induction_losses, token_losses
-from lnfree.remove import EXIT_USER, OneLineParser
+from lnfree.remove import OneLineParser
 from models import ModelSpecError, load_hf
-from models.registry import demo_name
+from models.registry import demo_name, shape_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,10 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
             raise ModelSpecError(f"{info.spec!r} uses a different tokenizer from {specs[0]!r}; compare models "
                                  f"that share one tokenizer.")
     source = source or default_source([i for _, _, i in loaded])
-    ctx = n_ctx or min(min(m.config.n_positions for m, _, _ in loaded), 1024)
+    shortest = min(m.config.n_positions for m, _, _ in loaded)
+    if n_ctx and n_ctx > shortest:
+        raise UserError(f"--n-ctx {n_ctx} exceeds the context of the models ({shortest} tokens); lower --n-ctx.")
+    ctx = n_ctx or min(shortest, 1024)
     chunks = tokenize_chunks(documents(source, "heldout"), tok, ctx, tokens, desc=f"tokenising {source}")
     if len(chunks) == 0:
         raise DataError("The evaluation text is shorter than one context window; give more text.")
@@ -113,21 +118,37 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> None:
+    """Every flag in range and every path usable, before a model loads."""
+    for name, value, least in (("--tokens", args.tokens, 1), ("--n-ctx", args.n_ctx, 2),
+                               ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{name} must be at least {least}, not {value}.")
+    if args.data:
+        check_source(args.data)
+    if args.json_out:
+        check_output_file(Path(args.json_out), "--json")
+    if args.n_ctx:
+        for spec in args.models:
+            shape = shape_of(spec)
+            if shape and args.n_ctx > shape.n_ctx:
+                raise UserError(f"--n-ctx {args.n_ctx} exceeds the context of {spec!r} ({shape.n_ctx} tokens); "
+                                f"lower --n-ctx.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tokens < 1:
-        print("error: --tokens must be at least 1.", file=sys.stderr)
-        return EXIT_USER
     try:
+        check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = evaluate(args.models, args.data or args.dataset, args.tokens, args.n_ctx, args.batch_size)
-    except (ModelSpecError, DataError) as err:
+        print(format_table(result))
+        if args.json_out:
+            write_atomic(Path(args.json_out), json.dumps(result, indent=1) + "\n")
+    except (UserError, ModelSpecError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER
-    print(format_table(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
