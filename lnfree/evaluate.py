@@ -25,7 +25,7 @@ import torch
 
 from lnfree.config import EXIT_USER, UserError
 from lnfree.data import DATASETS, DataError, check_source, documents, tokenize_chunks
-from lnfree.files import check_output_file, write_atomic
+from lnfree.files import check_output_file, write_atomic, writing
 from lnfree.quality import induction_losses, token_losses
 from lnfree.remove import OneLineParser
 from models import ModelSpecError, load_hf
@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.models, args.data or args.dataset, args.tokens, args.n_ctx, args.batch_size)
         print(format_table(result))
         if args.json_out:
-            write_atomic(Path(args.json_out), json.dumps(result, indent=1) + "\n")
+            out = Path(args.json_out)
+            with writing(out.parent):
+                out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, json.dumps(result, indent=1) + "\n")
     except (UserError, ModelSpecError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER

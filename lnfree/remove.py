@@ -260,6 +260,8 @@ def _fitting_micro_batch(shape: Shape, recipe: Recipe, micro: int, args) -> int:
 
 def check_tracker(name: str | None) -> None:
     """A tracker that cannot start is one sentence before anything loads (wandb would ask for a key)."""
+    if name is None:
+        return
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     if name == "tensorboard" and not is_tensorboard_available():
