@@ -3,7 +3,8 @@
     python -m models.inspect SPEC [--dtype float32] [--device cpu]
 
 Keys: spec, ln_free, n_layers, d_model, n_heads, d_vocab, n_ctx, params, sigmas
-(null for LN models; {LN name: sigma} for LN-free ones), base, twin, path.
+(null for LN models; {LN name: sigma} for LN-free ones), sigma_source (null for LN models; "stored":
+the checkpoint's lnfree_sigmas, or "implied": chosen so that mean |gamma| = 1), base, twin, path.
 A bad spec: one line on stderr, exit code 2.
 """
 
@@ -29,6 +30,7 @@ def describe(spec: str, dtype: str = "float32", device: str = "cpu") -> dict:
         "n_ctx": cfg.n_positions,
         "params": sum(p.numel() for p in model.parameters()),
         "sigmas": info.sigmas,
+        "sigma_source": info.sigma_source,
         "base": info.base,
         "twin": info.twin,
         "path": info.path,
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     try:
-        print(json.dumps(describe(args.spec, args.dtype, args.device), indent=2))
+        # allow_nan=False: a bare NaN is not JSON (loading refuses non-finite values, so it never happens)
+        print(json.dumps(describe(args.spec, args.dtype, args.device), indent=2, allow_nan=False))
     except ModelSpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.errors import ModelSpecError
+
 LN_FREE_MIN_EPS = 1e6
 EPS_SCALE = 1e6  # sqrt(1e12): the factor the convention multiplies into each weight
 
@@ -39,6 +41,11 @@ class FixedLayerNorm(nn.Module):
         return f"{self.normalized_shape}, sigma={self.sigma:.6g}"
 
 
+def ln_names(n_layer: int) -> list[str]:
+    """The TransformerLens names of every LN of an `n_layer`-layer GPT-2, in order."""
+    return [f"blocks.{i}.ln{j}" for i in range(n_layer) for j in (1, 2)] + ["ln_final"]
+
+
 def ln_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
     """TransformerLens name -> (parent module, attribute, HF name) of every LN of a GPT-2."""
     out = {}
@@ -54,7 +61,13 @@ def is_ln_free_config(config: dict) -> bool:
     return float(config.get("layer_norm_epsilon", 1e-5)) >= LN_FREE_MIN_EPS
 
 
-def make_exact(model: nn.Module) -> dict[str, float]:
+def sigma_source(config: dict) -> str:
+    """Where an LN-free checkpoint's sigmas come from: "stored" (its lnfree_sigmas, one per LN: models.validate
+    checks that they are complete) or "implied" (chosen so that mean |gamma| = 1)."""
+    return "stored" if config.get("lnfree_sigmas") else "implied"
+
+
+def make_exact(model: nn.Module, where: str = "the checkpoint") -> dict[str, float]:
     """Turn every eps-convention LN of `model` into a FixedLayerNorm, in place.
 
     sigma per LN comes from the checkpoint's `lnfree_sigmas` (written by our
@@ -63,14 +76,18 @@ def make_exact(model: nn.Module) -> dict[str, float]:
     gamma was 1, and a harmless convention otherwise: the function is the same).
     Returns the sigma of every LN, by TransformerLens name.  Call it on a float32 (or float64) model:
     the stored weights (gamma * 1e6 / sigma) overflow float16, so they are de-scaled before any cast.
+    An all-zero weight leaves no sigma to imply: ModelSpecError naming `where` (the weights file).
     """
     eps = float(model.config.layer_norm_epsilon)
     scale = eps**0.5
     recorded = getattr(model.config, "lnfree_sigmas", None) or {}
     sigmas = {}
-    for name, (parent, attr, _) in ln_modules(model).items():
+    for name, (parent, attr, hf_name) in ln_modules(model).items():
         ln = getattr(parent, attr)
         w = ln.weight.detach().double()
+        if name not in recorded and w.abs().mean().item() == 0:
+            raise ModelSpecError(f"{where}: {hf_name}.weight (LN {name}) is all zero, so its sigma cannot be "
+                                 f"implied; restore the weights, or record lnfree_sigmas in config.json.")
         sigma = float(recorded[name]) if name in recorded else scale / w.abs().mean().item()
         gamma = (w * sigma / scale).to(ln.weight.dtype)
         setattr(parent, attr, FixedLayerNorm(gamma, ln.bias.detach(), sigma).to(ln.weight.device))

@@ -3,12 +3,12 @@
 A spec is a hub name (see models.registry), a local Hugging Face directory, or
 `demo` / `demo-lnfree`.  LN-free checkpoints (layer_norm_epsilon >= 1e6) are
 loaded with exact linear LNs (models.ln_free).  Every mistake a user can make
-raises ModelSpecError with one sentence that says what to do.
+raises ModelSpecError with one sentence that says what to do; a model directory's files are checked
+(models.validate, models.weights) before the model is built, and its values after.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models import registry
-from models.ln_free import is_ln_free_config, make_exact
+from models import registry, validate, weights
+from models.errors import ModelSpecError
+from models.ln_free import is_ln_free_config, make_exact, sigma_source
+from models.pair import tokenizer_digest
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -29,10 +31,6 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 MEMORY_OVERHEAD = 1.5
 
 
-class ModelSpecError(ValueError):
-    """A model spec that cannot be loaded; the message is one sentence for the user."""
-
-
 @dataclass
 class ModelInfo:
     spec: str
@@ -41,6 +39,9 @@ class ModelInfo:
     sigmas: dict[str, float] | None
     base: str | None = None  # for LN-free / fine-tuned models: the LN model they came from
     config: dict = field(default_factory=dict, repr=False)
+    sigma_source: str | None = None  # LN-free: "stored" (the checkpoint's lnfree_sigmas) or "implied"
+    tokenizer_size: int | None = None  # len(tokenizer), and a hash of its vocabulary (models.check_pair)
+    tokenizer_digest: str | None = field(default=None, repr=False)
 
     @property
     def twin(self) -> str | None:
@@ -117,6 +118,10 @@ def resolve(spec: str) -> Path:
 
 
 def _check_local_dir(path: Path, spec: str) -> Path:
+    if path.exists() and not path.is_dir():
+        what = "a file" if path.is_file() else "not a directory"
+        raise ModelSpecError(f"{spec!r} is {what}, not a model directory; give the directory that holds the "
+                             f"model's files ({path.parent}?).")
     if not path.is_dir():
         raise ModelSpecError(f"Model directory {spec!r} does not exist (and it is not a known hub model); "
                              f"check the path.")
@@ -148,12 +153,17 @@ def _download(repo_id: str) -> Path:
 
 
 def read_config(path: Path, spec: str) -> dict:
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") != "gpt2":
-        raise ModelSpecError(
-            f"{spec!r} is a {cfg.get('model_type') or 'unknown'!s} model; this workbench handles GPT-2 "
-            f"(model_type gpt2) checkpoints only."
-        )
+    """`path`/config.json, checked to be a GPT-2 config (models.validate.read_config)."""
+    return validate.read_config(path, spec)
+
+
+def check_files(path: Path, spec: str) -> dict:
+    """Everything about `path` that can be checked without building the model; returns its config."""
+    validate.check_entries(path)
+    cfg = read_config(path, spec)
+    validate.check_transformers_config(cfg, path / "config.json")
+    validate.check_tokenizer_files(path)
+    weights.check_weights(path, cfg)
     return cfg
 
 
@@ -201,6 +211,7 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     in float32 (float64 if asked for) before any cast: the stored weights, gamma * 1e6 / sigma,
     overflow float16.
     """
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -208,7 +219,7 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     hf_logging.disable_progress_bar()
     dtype, device = parse_dtype(dtype), _check_device(device)
     path = resolve(spec)
-    cfg = read_config(path, spec)
+    cfg = check_files(path, spec)
     ln_free = is_ln_free_config(cfg)
     load_dtype = torch.float64 if dtype == torch.float64 else torch.float32 if ln_free else dtype
     check_memory(cfg, load_dtype, device, spec)
@@ -216,12 +227,18 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
         model = GPT2LMHeadModel.from_pretrained(path, dtype=load_dtype, use_safetensors=True,
                                                 attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelSpecError(f"Could not load {spec!r}: {str(err).splitlines()[0]}") from None
-    sigmas = make_exact(model) if ln_free else None
+    except (OSError, ValueError, SafetensorError) as err:  # what the checks above could not foresee
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ModelSpecError(f"Could not load {spec!r}: {first}") from None
+    weights_at = weights.weights_file(path)
+    weights.check_finite(model, weights_at, load_dtype)
+    validate.check_tokenizer(tokenizer, cfg, path)
+    sigmas = make_exact(model, str(weights_at)) if ln_free else None
     model.to(device, dtype).eval()
     base = cfg.get("lnfree_base") or registry.base_of(spec)
-    return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg)
+    return model, tokenizer, ModelInfo(spec, str(path), ln_free, sigmas, base, cfg,
+                                       sigma_source(cfg) if ln_free else None, len(tokenizer),
+                                       tokenizer_digest(tokenizer))
 
 
 def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:

@@ -6,7 +6,6 @@ Shapes of hub models are listed so that memory estimates (and `lnfree.remove
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +72,11 @@ def shape_of(spec: str) -> Shape | None:
     None when neither is at hand."""
     if spec in HUB_MODELS:
         return HUB_MODELS[spec]
+    from models.validate import read_json_object  # (here: it imports torch, and this module stays light)
+
     path = DEMO_DIRS.get(spec, Path(spec).expanduser()) / "config.json"
     try:
-        return Shape.from_config(json.loads(path.read_text()))
+        return Shape.from_config(read_json_object(path))  # never blocks: a FIFO config.json is refused
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
