@@ -15,7 +15,13 @@ memory, reports progress through `progress(fraction, text)` and stops with
 AnalysisCancelled when `should_stop()` returns True.
 """
 
-from attribution.findings.base import BOS_PROTOCOLS, DEFAULT_BOS, AnalysisCancelled, FindingsInputError, heldout_tokens
+from attribution.findings.base import (
+           BOS_PROTOCOLS,
+           DEFAULT_BOS,
+           AnalysisCancelled,
+           FindingsInputError,
+           heldout_tokens,
+)
 from attribution.findings.calibration import calibration, calibration_from_logits
 from attribution.findings.compare import VARIANTS, compare_findings, findings, pair_findings, summary_table
 from attribution.findings.dla_error import dataset_dla_error, head_direct_effects

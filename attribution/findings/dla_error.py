@@ -16,7 +16,14 @@ import torch
 
 from attribution import hooks
 from attribution.dla import effects
-from attribution.findings.base import FindingsInputError, Progress, ShouldStop, batch_size, batches, check_tokens
+from attribution.findings.base import (
+    FindingsInputError,
+    Progress,
+    ShouldStop,
+    batch_size,
+    batches,
+    check_tokens,
+)
 from attribution.metric import apply_final_ln, final_ln, final_ln_scale
 from attribution.patching import capture
 
