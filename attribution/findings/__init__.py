@@ -16,11 +16,11 @@ AnalysisCancelled when `should_stop()` returns True.
 """
 
 from attribution.findings.base import (
-           BOS_PROTOCOLS,
-           DEFAULT_BOS,
-           AnalysisCancelled,
-           FindingsInputError,
-           heldout_tokens,
+    BOS_PROTOCOLS,
+    DEFAULT_BOS,
+    AnalysisCancelled,
+    FindingsInputError,
+    heldout_tokens,
 )
 from attribution.findings.calibration import calibration, calibration_from_logits
 from attribution.findings.compare import VARIANTS, compare_findings, findings, pair_findings, summary_table
