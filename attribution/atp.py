@@ -24,6 +24,7 @@ AtP* adds two fixes:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,11 @@ def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
     return a_new - a_co[:, :, None]
 
 
+# torch's forward-AD level is one per process, not per thread: two jvp calls at once (two sessions' analyses
+# of two different models) end each other's level ("no level exists").  A jvp here is short; take turns.
+_FORWARD_AD = threading.Lock()
+
+
 def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """J_q dx and J_k dx [B, T, H, d_head] (float64): the change of layer `layer`'s queries and keys
     linearised at its input x [B, T, d] (through its live ln1; affine when LN-free) in direction dx."""
@@ -116,7 +122,8 @@ def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[
         h = apply_ln(ln, resid, torch.float64)
         return (torch.einsum("btd,hde->bthe", h, W_Q) + b_Q, torch.einsum("btd,hde->bthe", h, W_K) + b_K)
 
-    _, tangents = torch.func.jvp(qk, (x.double(),), (dx.double(),))
+    with _FORWARD_AD:
+        _, tangents = torch.func.jvp(qk, (x.double(),), (dx.double(),))
     return tangents
 
 

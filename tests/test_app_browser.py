@@ -34,13 +34,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(tmp_path, *app_args: str):
-    """`streamlit run app.py [-- app_args]` on a free loopback port: yields (url, process) once healthy."""
+def serve(tmp_path, *app_args: str, script: str = "app.py"):
+    """`streamlit run app.py [-- app_args]` (from the checkout, so with its .streamlit/config.toml) on a free
+    loopback port: yields (url, process) once healthy."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true", *(("--", *app_args) if app_args else ())],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -165,3 +166,60 @@ def test_an_idle_server_is_idle(tmp_path):
             idle = cpu_seconds(proc.pid) - before
             browser.close()
     assert idle < 1.0, f"the idle server used {idle:.2f} CPU-seconds in 20 s"
+
+
+def test_two_sessions_analysing_at_once_get_their_own_numbers(served_app, tmp_path):
+    """Two browser sessions change their view back and forth while the other's analysis runs on the same
+    cached models: every page completes without an error and shows the numbers that its view gives when
+    computed alone."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from attribution import Settings, compare
+    from models import load_bridge
+
+    views = [[(2, 8), (3, 12), (4, 6), (2, 10)], [(4, 10), (2, 8), (3, 6), (5, 12)]]  # (n_prompts, seq_len)
+    ln, lnfree = load_bridge("demo"), load_bridge("demo-lnfree")
+    alone = {v: compare(ln, lnfree, Settings(task="induction", n_prompts=v[0], seq_len=v[1]))
+             for rounds in views for v in rounds}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pages = [browser.new_context().new_page() for _ in views]  # a context each: two sessions
+        for rnd in range(len(views[0])):
+            for page, rounds in zip(pages, views, strict=True):  # both start before either is waited for
+                n, t = rounds[rnd]
+                page.goto(f"{served_app}/?task=induction&n_prompts={n}&seq_len={t}")
+            for page, rounds in zip(pages, views, strict=True):
+                try:
+                    expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
+                        timeout=240_000)
+                except AssertionError:
+                    raise AssertionError((tmp_path / "streamlit.log").read_text()[-6000:]) from None
+                log = (tmp_path / "streamlit.log").read_text()
+                assert page.locator("[data-testid='stException']").count() == 0, log[-6000:]
+                assert page.locator("[data-testid='stAlertContentError']").count() == 0, log[-6000:]
+                shown = page.get_by_test_id("stMetricValue").all_inner_texts()[:4]
+                want = alone[rounds[rnd]]
+                expected = [f"{x:.3f}" for x in (want.ln.metric_clean, want.ln.metric_corrupt,
+                                                   want.lnfree.metric_clean, want.lnfree.metric_corrupt)]
+                assert shown == expected, (rounds[rnd], shown, expected)
+        browser.close()
+
+
+def test_the_browser_never_sees_a_traceback(tmp_path):
+    """An unexpected error (a bug) shows a generic message in the page; its message and traceback go to
+    the server's log only (the shipped config's client.showErrorDetails)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    script = tmp_path / "fails.py"
+    script.write_text("raise RuntimeError('internal detail at /very/secret/path')\n")
+    with serve(tmp_path, script=str(script)) as (url, _):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("[data-testid='stException']")).to_be_visible(timeout=60_000)
+            text = page.locator("body").inner_text()
+            browser.close()
+    assert "secret" not in text and "Traceback" not in text and "RuntimeError" not in text, text
+    log = (tmp_path / "streamlit.log").read_text()
+    assert "Traceback" in log and "/very/secret/path" in log

@@ -99,3 +99,39 @@ def test_qk_fix_removes_the_qk_term_the_estimate_contains(kind, tiny_ln_dir, rea
               + g_k.double() * (clean[hooks.k(layer)] - acts[hooks.k(layer)].detach()).double()).sum((0, 2, 3))
     gap = ((change - ref).abs().max() / ref.abs().max()).item()
     assert gap < 1e-4 if kind == "lnfree" else gap > 0.05
+
+
+def test_qk_tangents_of_two_threads_take_turns(tiny_ln_dir, tokenizer, monkeypatch):
+    """torch's forward-AD level is one per process: two sessions' jvps at once (analyses of two different
+    models, each holding its own model's lock) ended each other's level.  They must never overlap, and
+    each still gets the tangents it gets alone."""
+    import threading
+    import time
+
+    s = Setup(tiny_ln_dir, tokenizer, "induction")
+    x = torch.randn(2, 5, s.bridge.cfg.d_model)
+    dx = torch.randn_like(x)
+    alone = atp.qk_tangents(s.bridge, 0, x, dx)
+    jvp, active, most = torch.func.jvp, [0], [0]
+
+    def slow_jvp(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.2)  # long enough for the other thread to arrive meanwhile
+        try:
+            return jvp(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(torch.func, "jvp", slow_jvp)
+    out = {}
+    threads = [threading.Thread(target=lambda n=n: out.__setitem__(n, atp.qk_tangents(s.bridge, 0, x, dx)))
+               for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert most[0] == 1
+    for n in range(2):
+        for got, want in zip(out[n], alone, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
