@@ -122,6 +122,26 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*") 
     return paths
 
 
+def check_out(out, figure: str, fmt: str) -> None:
+    """One sentence when `--out` cannot receive what `export(..., figure, fmt, out)` writes: checked
+    before any model is loaded, so a bad path costs nothing."""
+    import os
+
+    out = Path(out)
+    one_file = fmt == "json" or figure != "all"
+    if one_file and out.is_dir():
+        raise AttributionInputError(f"--out {out} is a directory; give a file name, e.g. {out / ('results.' + fmt)}.")
+    if not one_file and out.exists() and not out.is_dir():
+        raise AttributionInputError(f"--out {out} is a file; with --figure all it must be a directory.")
+    place = out if not one_file else out.parent
+    while not place.exists():  # the nearest existing folder is where the new ones will be made
+        place = place.parent
+    if not place.is_dir():
+        raise AttributionInputError(f"--out {out} lies under {place}, which is a file; choose another path.")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise AttributionInputError(f"--out {out}: {place} is not writable; choose another path.")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from attribution.plots import FIGURES
 
@@ -162,7 +182,18 @@ def main(argv=None) -> int:
                         position=args.position, top_k=args.top_k, seed=args.seed,
                         per_position=not args.no_per_position, verify_top=args.verify_top,
                         full_sweeps=args.full_sweeps)
+    from attribution.tasks import check_settings
+
     bar = None
+    try:
+        check_settings(settings)
+        check_out(args.out, args.figure, args.format)
+        problem = image_export_problem() if args.format in ("png", "svg") else None
+        if problem:  # found before the analysis, not after it
+            raise ExportUnavailable(problem)
+    except (AttributionInputError, ExportUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     def progress(frac: float, text: str) -> None:
         nonlocal bar
@@ -183,6 +214,9 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.close()
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, or the path changed during the analysis
+        print(f"error: could not write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

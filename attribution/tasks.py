@@ -22,6 +22,7 @@ NAMES = ["Mary", "John", "James", "David", "Peter", "Paul", "Sarah", "Tom", "Ann
          "Michael", "Robert", "William", "Elizabeth", "Jane", "Lucy", "Thomas", "Philip"]
 PLACES = ["store", "city", "house", "garden", "temple", "market", "field", "church", "river", "castle"]
 OBJECTS = ["drink", "book", "ring", "letter", "sword", "cup", "gift", "coin", "bread", "crown"]
+TASKS = ("induction", "ioi", "custom")
 IOI_TEMPLATE = "When {io} and {s} went to the {place}, {s2} gave a {obj} to"
 
 
@@ -160,8 +161,19 @@ def custom(tokenizer, prompt: str, answer: str, counterfactual: str = "", corrup
                 None if cf is None else torch.tensor([cf]), resolve_position(position, len(clean)))
 
 
+def check_settings(settings) -> None:
+    """One sentence for the first setting no analysis can use (before any model is loaded)."""
+    if settings.task not in TASKS:
+        raise AttributionInputError(f"Unknown task {settings.task!r}; use induction, ioi or custom.")
+    for name, low in (("n_prompts", 1), ("top_k", 1), ("verify_top", 1)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise AttributionInputError(f"{name.replace('_', '-')} must be a whole number >= {low}, not {value!r}.")
+
+
 def build(tokenizer, settings, n_ctx: int) -> Task:
     """The Task that `settings` (attribution.report.Settings) describes, for this tokenizer."""
+    check_settings(settings)
     if settings.task == "custom":
         return custom(tokenizer, settings.prompt, settings.answer, settings.counterfactual, settings.corrupt,
                       n_ctx, settings.position)
@@ -169,6 +181,4 @@ def build(tokenizer, settings, n_ctx: int) -> Task:
         raise AttributionInputError("The metric position can only be changed for the custom task; use -1.")
     if settings.task == "induction":
         return induction(tokenizer, settings.n_prompts, settings.seq_len, n_ctx, settings.seed)
-    if settings.task == "ioi":
-        return ioi(tokenizer, settings.n_prompts, n_ctx, settings.seed)
-    raise AttributionInputError(f"Unknown task {settings.task!r}; use induction, ioi or custom.")
+    return ioi(tokenizer, settings.n_prompts, n_ctx, settings.seed)

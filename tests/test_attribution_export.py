@@ -206,3 +206,60 @@ def test_bundle_holds_every_figure_its_numbers_and_the_summary(pair):
     assert [r["quantity"] for r in rows] == list(summary)
     assert float(summary["patched components"][ln_col]) == sum(
         np.isfinite(getattr(p.ln, f"patch_{k}")).sum() for k in ("heads", "resid", "mlp"))
+
+
+def _tree(root: Path) -> dict:
+    """Every file under `root` with its bytes: what a failed export must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra, out, message", [
+    (["--top-k", "0"], "r.json", "top-k must be a whole number >= 1"),
+    (["--top-k", "-3"], "r.json", "top-k must be a whole number >= 1"),
+    (["--verify-top", "-1"], "r.json", "verify-top must be a whole number >= 1"),
+    (["--n-prompts", "0"], "r.json", "n-prompts must be a whole number >= 1"),
+    ([], "folder", "is a directory; give a file name"),
+    (["--figure", "dla_heads", "--format", "html"], "folder", "is a directory; give a file name"),
+    (["--figure", "all", "--format", "csv"], "kept.txt", "is a file; with --figure all"),
+    ([], "kept.txt/r.json", "which is a file"),
+    (["--figure", "all", "--format", "csv"], "kept.txt/a/b", "which is a file"),
+])
+def test_bad_flags_and_paths_fail_before_loading(tmp_path, capsys, extra, out, message):
+    """Checked before any model is loaded (a model that cannot load proves it), one line, nothing changed."""
+    from attribution.export import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "old.json").write_text("{}")
+    (tmp_path / "kept.txt").write_text("the user's file")
+    before = _tree(tmp_path)
+    fmt = [] if "--format" in extra else ["--format", "json"]
+    code = main(["--ln", str(tmp_path / "no-such-model"), "--lnfree", "demo-lnfree", *extra, *fmt,
+                 "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert _tree(tmp_path) == before
+
+
+def test_unwritable_out_fails_before_loading(tmp_path, capsys, monkeypatch):
+    """(os.access is patched: tests may run as root, for whom every folder is writable.)"""
+    from attribution import export as export_mod
+
+    monkeypatch.setattr(os, "access", lambda *a: False)
+    code = export_mod.main(["--ln", str(tmp_path / "no-such-model"), "--lnfree", "demo-lnfree",
+                            "--format", "json", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not writable" in err[0], err
+
+
+def test_a_full_disk_at_the_end_is_one_sentence(tiny_ln_dir, tiny_lnfree_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from attribution import export as export_mod
+
+    def full(text, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(export_mod, "write_text", full)
+    code = export_mod.main(["--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), *SMALL,
+                            "--format", "json", "--out", str(tmp_path / "r.json")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert code == 2 and err == [f"error: could not write {tmp_path / 'r.json'}: No space left on device"]
