@@ -23,7 +23,7 @@ import torch
 
 from attribution import AttributionInputError, PairResults, Settings, attention_pattern, plots, view
 from attribution import export as exporting
-from attribution.findings import pair_findings, summary_table
+from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
 from attribution.jobs import LRU, PairJob
 from attribution.report import STAGE_TEXT
@@ -166,12 +166,12 @@ def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int,
     return attention_pattern(get_model(spec, dtype, device), Settings(**dict(settings)), layer, head)
 
 
-def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq: int, progress) -> dict:
+def get_findings(ln_spec: str, lnfree_spec: str, dtype: str, device: str, n_seq: int, bos: str, progress) -> dict:
     def compute():
         return pair_findings(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), n_seq,
-                             progress=progress)
+                             progress=progress, bos=bos)
 
-    return result_store()["findings"].get((ln_spec, lnfree_spec, dtype, device, n_seq), compute)
+    return result_store()["findings"].get((ln_spec, lnfree_spec, dtype, device, n_seq, bos), compute)
 
 
 def progress_to(bar):
@@ -281,17 +281,20 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
 
 def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
-    cols = st.columns([2, 1, 1])
+    cols = st.columns([2, 2, 1, 1])
     n_seq = cols[0].slider("Held-out sequences", 4, 128, 32, key="findings_n_seq")
-    if cols[1].button("Run dataset analyses", key="findings_run"):
-        st.session_state["findings_for"] = (ln_spec, lnfree_spec, dtype, device, n_seq)
-    if cols[2].button("Cancel", key="findings_cancel"):  # the click's rerun interrupts a running analysis
+    bos = cols[1].radio("First token", list(BOS_PROTOCOLS), key="findings_bos", help="; ".join(
+        f"{name}: {what}" for name, what in BOS_PROTOCOLS.items()), horizontal=True)
+    if cols[2].button("Run dataset analyses", key="findings_run"):
+        st.session_state["findings_for"] = (ln_spec, lnfree_spec, dtype, device, n_seq, bos)
+    if cols[3].button("Cancel", key="findings_cancel"):  # the click's rerun interrupts a running analysis
         st.session_state.pop("findings_for", None)
-    if st.session_state.get("findings_for") != (ln_spec, lnfree_spec, dtype, device, n_seq):
+    if st.session_state.get("findings_for") != (ln_spec, lnfree_spec, dtype, device, n_seq, bos):
         return
+    st.caption(f"Definitions of the paper's code; first token: {BOS_PROTOCOLS[bos]}.")
     bar = st.progress(0.0, text="Analysing held-out text...")
     try:  # Cancel works through Streamlit: its click's rerun stops this script mid-analysis
-        result = get_findings(ln_spec, lnfree_spec, dtype, device, n_seq, progress_to(bar))
+        result = get_findings(ln_spec, lnfree_spec, dtype, device, n_seq, bos, progress_to(bar))
     finally:
         bar.empty()
     table = pd.DataFrame(summary_table(result))

@@ -26,6 +26,7 @@ from attribution.dla import direct_attribution, nmae
 from attribution.errors import AnalysisCancelled, AttributionInputError
 from attribution.patching import Baseline, activation_patching, capture, sweep_patches, top_k
 from attribution.results import ModelResults, PairResults, Settings, agreements
+from models import check_pair
 
 if TYPE_CHECKING:
     from models import LoadedModel
@@ -253,6 +254,7 @@ class PairAnalysis:
     `results` is the pair as of the last stage both models have done (never one model ahead)."""
 
     def __init__(self, ln: LoadedModel, lnfree: LoadedModel, settings: Settings):
+        check_pair(ln.info, lnfree.info)  # an LN model and its LN-free twin, or one sentence
         self.settings = settings
         self.sides = (Analysis(ln, settings), Analysis(lnfree, settings))
         self._done: dict[str, PairResults] = {}

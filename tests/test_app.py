@@ -140,18 +140,20 @@ def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, me
     assert len(at.error) == 1 and message in at.error[0].value.lower()
 
 
-def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
+@pytest.mark.parametrize("bos", ["packed", "prepend"])
+def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir, bos):
     from attribution.findings import compare_findings, heldout_tokens, summary_table
 
     at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
-                           seq_len=6, findings_n_seq=4).run())
+                           seq_len=6, findings_n_seq=4, findings_bos=bos).run())
     assert_complete(at)
     complete(at.button(key="findings_run").click().run())
     assert not at.exception and not at.error
+    assert any(bos in c.value for c in at.caption if c.value.startswith("Definitions of the paper's code"))
     shown = next(d.value for d in at.main.dataframe if "paper" in d.value.columns)
     ln = load_bridge(str(tiny_ln_dir)).bridge
     lf = load_bridge(str(tiny_lnfree_dir)).bridge
-    tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, 4) for b in (ln, lf)]
+    tokens = [heldout_tokens(b.tokenizer, b.cfg.n_ctx, 4, bos=bos) for b in (ln, lf)]
     expected = summary_table(compare_findings(ln, lf, *tokens))
     assert shown["metric"].tolist() == [r["metric"] for r in expected]
     for column in ("ln", "lnfree"):
@@ -332,3 +334,20 @@ def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) ->
     assert_complete(at)
     assert not at.warning and "patch_heads" in figures(at)
     np.testing.assert_allclose(job.results.ln.patch_heads, pair.ln.patch_heads, atol=1e-9, equal_nan=True)
+
+
+def test_a_swapped_pair_is_one_sentence(tiny_ln_dir, tiny_lnfree_dir):
+    at = use_pair(app(), str(tiny_lnfree_dir), str(tiny_ln_dir)).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "swapped" in at.error[0].value
+
+
+def test_custom_task_without_a_corrupted_prompt_shows_what_needs_none(tiny_ln_dir, tiny_lnfree_dir):
+    """Predictions, DLA, the logit lens and attention need no corrupted prompt; patching says what it needs."""
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="custom",
+                           prompt="When Mary and John went to the store, John gave a drink to", answer=" Mary",
+                           counterfactual=" John", corrupt="").run())
+    assert_complete(at)
+    assert set(figures(at)) == {"dla_heads", "dla_layers", "dla_vs_de", "logit_lens", "attention"}
+    assert any("No corrupted prompt" in i.value for i in at.info)
+    assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)")

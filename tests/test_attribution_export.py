@@ -263,3 +263,12 @@ def test_a_full_disk_at_the_end_is_one_sentence(tiny_ln_dir, tiny_lnfree_dir, tm
                             "--format", "json", "--out", str(tmp_path / "r.json")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert code == 2 and err == [f"error: could not write {tmp_path / 'r.json'}: No space left on device"]
+
+
+def test_cli_swapped_pair_is_one_sentence(tiny_ln_dir, tiny_lnfree_dir, tmp_path, capsys):
+    from attribution.export import main
+
+    code = main(["--ln", str(tiny_lnfree_dir), "--lnfree", str(tiny_ln_dir), *SMALL, "--format", "json",
+                 "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "swapped" in err[0] and not (tmp_path / "r.json").exists()

@@ -22,6 +22,7 @@ from attribution.findings.dla_error import dataset_dla_error
 from attribution.findings.first_token import attention_sink_rate, first_token_norms
 from attribution.findings.neurons import K, ablate_neurons, confidence_neurons
 from attribution.results import jsonable
+from models import check_pair
 
 if TYPE_CHECKING:
     from models import LoadedModel
@@ -99,6 +100,7 @@ def pair_findings(ln: LoadedModel, lnfree: LoadedModel, n_seq: int, seq_len: int
     app's prompts).  variants=True adds our variants of the findings (VARIANTS).
     """
     check_bos(bos)
+    check_pair(ln.info, lnfree.info)
     tokens = []
     for bridge in (ln.bridge, lnfree.bridge):
         n_ctx = bridge.cfg.n_ctx
