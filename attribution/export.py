@@ -122,24 +122,23 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*") 
     return paths
 
 
-def check_out(out, figure: str, fmt: str) -> None:
-    """One sentence when `--out` cannot receive what `export(..., figure, fmt, out)` writes: checked
-    before any model is loaded, so a bad path costs nothing."""
+def check_out(out, one_file: bool, flag: str = "--out") -> None:
+    """One sentence when `out` cannot receive a file (`one_file`) or a folder of files: checked before any
+    model is loaded, so a bad path costs nothing."""
     import os
 
     out = Path(out)
-    one_file = fmt == "json" or figure != "all"
     if one_file and out.is_dir():
-        raise AttributionInputError(f"--out {out} is a directory; give a file name, e.g. {out / ('results.' + fmt)}.")
+        raise AttributionInputError(f"{flag} {out} is a directory; give a file name.")
     if not one_file and out.exists() and not out.is_dir():
-        raise AttributionInputError(f"--out {out} is a file; with --figure all it must be a directory.")
+        raise AttributionInputError(f"{flag} {out} is a file; it must be a directory for several files.")
     place = out if not one_file else out.parent
     while not place.exists():  # the nearest existing folder is where the new ones will be made
         place = place.parent
     if not place.is_dir():
-        raise AttributionInputError(f"--out {out} lies under {place}, which is a file; choose another path.")
+        raise AttributionInputError(f"{flag} {out} lies under {place}, which is a file; choose another path.")
     if not os.access(place, os.W_OK | os.X_OK):
-        raise AttributionInputError(f"--out {out}: {place} is not writable; choose another path.")
+        raise AttributionInputError(f"{flag} {out}: {place} is not writable; choose another path.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
     bar = None
     try:
         check_settings(settings)
-        check_out(args.out, args.figure, args.format)
+        check_out(args.out, args.format == "json" or args.figure != "all")
         problem = image_export_problem() if args.format in ("png", "svg") else None
         if problem:  # found before the analysis, not after it
             raise ExportUnavailable(problem)

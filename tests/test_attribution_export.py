@@ -220,7 +220,7 @@ def _tree(root: Path) -> dict:
     (["--n-prompts", "0"], "r.json", "n-prompts must be a whole number >= 1"),
     ([], "folder", "is a directory; give a file name"),
     (["--figure", "dla_heads", "--format", "html"], "folder", "is a directory; give a file name"),
-    (["--figure", "all", "--format", "csv"], "kept.txt", "is a file; with --figure all"),
+    (["--figure", "all", "--format", "csv"], "kept.txt", "is a file; it must be a directory"),
     ([], "kept.txt/r.json", "which is a file"),
     (["--figure", "all", "--format", "csv"], "kept.txt/a/b", "which is a file"),
 ])

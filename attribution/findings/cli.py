@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from attribution.export import check_out
     from attribution.findings import FindingsInputError
     from attribution.findings.base import check_bos
 
@@ -59,6 +62,16 @@ def check_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise FindingsInputError(f"The directory of --out ({out.parent}) does not exist; create it first.")
+    check_out(out, one_file=True)
+    if args.figures:
+        check_out(args.figures, one_file=False, flag="--figures")
+    if args.source != "demo":  # by its type, unopened: a named pipe would block the read forever
+        try:
+            mode = os.stat(args.source).st_mode
+        except OSError as err:
+            raise FindingsInputError(f"--source {args.source}: {err.strerror}; give `demo` or a UTF-8 text file.") from None
+        if not stat.S_ISREG(mode):
+            raise FindingsInputError(f"--source {args.source} is not a regular file; give `demo` or a UTF-8 text file.")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -149,3 +149,33 @@ def test_python_m_attribution_findings_runs_as_a_process(tiny_ln_dir, tiny_lnfre
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["lnfree"]["dla_error"]["nmae"] < 1e-9
     assert "DLA error (NMAE over heads)" in proc.stdout
+
+
+@pytest.mark.parametrize("out, figures, source, message", [
+    ("folder", None, "demo", "--out {tmp}/folder is a directory"),
+    ("r.json", "kept.txt", "demo", "--figures {tmp}/kept.txt is a file"),
+    ("kept.txt/r.json", None, "demo", "which is a file"),
+    ("new/r.json", None, "demo", "does not exist"),
+    ("r.json", None, "folder", "is not a regular file"),
+    ("r.json", None, "pipe", "is not a regular file"),
+    ("r.json", None, "missing.txt", "No such file"),
+    ("r.json", None, "--threshold nan", "--threshold"),
+])
+def test_cli_bad_paths_fail_before_loading(out, figures, source, message, tmp_path, capsys):
+    """Checked before a model loads (the model cannot load: the check must come first); the user's files
+    unchanged; a named pipe as --source is refused by its type, never opened (opening it would block)."""
+    import os
+
+    from attribution.findings import cli as findings_cli
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "kept.txt").write_text("the user's file")
+    os.mkfifo(tmp_path / "pipe")
+    extra = source.split() if source.startswith("--") else ["--source", str(tmp_path / source)]
+    if source == "demo":
+        extra = []
+    argv = ["--ln", str(tmp_path / "no-model"), "--lnfree", "demo-lnfree", "--out", str(tmp_path / out), *extra]
+    rc = findings_cli.main(argv + (["--figures", str(tmp_path / figures)] if figures else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
+    assert (tmp_path / "kept.txt").read_text() == "the user's file" and not (tmp_path / "r.json").exists()
