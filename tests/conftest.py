@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -107,4 +108,14 @@ def real_scale_lnfree_dir(tmp_path_factory, tokenizer):
     names = ["blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_final"]
     write_lnfree(tiny_model(tokenizer), {n: 0.02 for n in names}, path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """A small .jsonl training text (200 rows) for lnfree runs on the tiny models."""
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    with open(path, "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": f"{TEXT[i % 3]} Number {i}."}) + "\n")
     return path

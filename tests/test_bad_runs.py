@@ -29,7 +29,6 @@ from lnfree import checkpoint as ckpt
 from lnfree import evaluate, remove, trainer
 from lnfree import run as run_module
 from lnfree.config import RunConfig
-from tests.conftest import TEXT
 from tests.test_lnfree_cli import ENV, TRAIN
 
 STEPS = 30
@@ -84,15 +83,6 @@ def keep_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.jsonl"
-    with open(path, "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"text": f"{TEXT[i % 3]} Number {i}."}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from models import load_hf
-from tests.conftest import TEXT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 30
@@ -38,15 +37,6 @@ def assert_user_error(proc, *words):
     assert "Traceback" not in proc.stderr
     for w in words:
         assert w in lines[0]
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.jsonl"
-    with open(path, "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"text": f"{TEXT[i % 3]} Number {i}."}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

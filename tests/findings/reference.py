@@ -68,6 +68,13 @@ def hf_mlp_ablation(model, ids: torch.Tensor, neurons: list[int],
                     layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the clean run and of the run with `neurons` of `layer` set to their mean over the
     predicting positions 0..T-2 (the paper's mean), by torch hooks on the real forward pass."""
+    clean, ablated, _ = _mean_ablated(model, ids, neurons, layer)
+    return clean, ablated
+
+
+def _mean_ablated(model, ids: torch.Tensor, neurons: list[int], layer: int = -1):
+    """(clean logits, logits with `neurons` of `layer` at their mean over positions 0..T-2, the clean
+    activations [B, T, d_mlp])."""
     act = model.transformer.h[layer].mlp.act
     seen = []
     h = act.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
@@ -85,7 +92,7 @@ def hf_mlp_ablation(model, ids: torch.Tensor, neurons: list[int],
     with torch.no_grad():
         ablated = model(ids).logits
     h.remove()
-    return clean, ablated
+    return clean, ablated, seen[0]
 
 
 def final_residual(model, ids: torch.Tensor, extra_hooks=()) -> tuple[torch.Tensor, list]:
@@ -214,25 +221,10 @@ def paper_ablation(model, ids: torch.Tensor, neuron: int) -> dict:
     0..T-2, the real forward pass with it replaced, per-token |change| in CE and entropy and their
     median / quartiles (numpy's), and the mean activation."""
     m = _double(model)
-    act = m.transformer.h[-1].mlp.act
-    seen = []
-    h = act.register_forward_hook(lambda mod, i, o: seen.append(o.detach()))
-    with torch.no_grad():
-        clean = m(ids).logits
-    h.remove()
-    mean = seen[0][:, :-1, neuron].mean()
-
-    def replace(mod, i, o):
-        o = o.clone()
-        o[..., neuron] = mean
-        return o
-
-    h = act.register_forward_hook(replace)
-    with torch.no_grad():
-        ablated = m(ids).logits
-    h.remove()
+    clean, ablated, acts = _mean_ablated(m, ids, [neuron])
+    mean = acts[:, :-1, neuron].mean()
     before, after = ref_stats(clean, ids), ref_stats(ablated, ids)
-    out = {"mean_activation": float(mean), "mean_all_positions": float(seen[0][..., neuron].mean()),
+    out = {"mean_activation": float(mean), "mean_all_positions": float(acts[..., neuron].mean()),
            "signed_delta_ce": float((after["ce"] - before["ce"]).mean())}
     for key, field in (("ce", "ce"), ("entropy", "entropy")):
         d = (after[field] - before[field]).abs().flatten().numpy()
