@@ -10,6 +10,7 @@ raises ModelSpecError with one sentence that says what to do; a model directory'
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,9 +148,18 @@ def _download(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise ModelSpecError(
             f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({type(err).__name__}); run `huggingface-cli download {repo_id}` with network access, "
-            f"or point HF_HOME at a cache that holds it."
+            f"({type(err).__name__}); run `hf download {repo_id}` (`huggingface-cli download {repo_id}` with "
+            f"huggingface_hub before 0.34) with network access, or point HF_HOME at a cache that holds it."
         ) from None
+
+
+def warn_if_not_listed_shape(spec: str, cfg: dict) -> None:
+    """A hub name whose checkpoint's shape is not the registry's (a cache holding another model under that name):
+    one warning line on stderr; the checkpoint's own config.json is believed."""
+    listed, found = registry.HUB_MODELS.get(spec), registry.Shape.from_config(cfg)
+    if listed is not None and found != listed:
+        print(f"warning: {spec!r} has {found.describe()} in its config.json, not the registry's "
+              f"{listed.describe()}; using the checkpoint's shape.", file=sys.stderr)
 
 
 def read_config(path: Path, spec: str) -> dict:
@@ -220,6 +230,7 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     dtype, device = parse_dtype(dtype), _check_device(device)
     path = resolve(spec)
     cfg = check_files(path, spec)
+    warn_if_not_listed_shape(spec, cfg)
     ln_free = is_ln_free_config(cfg)
     load_dtype = torch.float64 if dtype == torch.float64 else torch.float32 if ln_free else dtype
     check_memory(cfg, load_dtype, device, spec)

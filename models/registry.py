@@ -33,6 +33,9 @@ class Shape:
         block = 12 * d * d + 13 * d  # attn (4d^2+4d) + mlp (8d^2+5d) + 2 LNs (4d)
         return self.vocab * d + self.n_ctx * d + L * block + 2 * d
 
+    def describe(self) -> str:
+        return f"{self.n_layer} layers x {self.n_embd} ({self.n_head} heads, context {self.n_ctx}, vocab {self.vocab})"
+
 
 GPT2_SHAPES = {
     "gpt2": Shape(12, 768, 12),
