@@ -250,6 +250,13 @@ def figure(pair: PairResults, method: str, name: str, caption: str = "") -> None
     download_row(fig, name, figure_table(name, pair), key=name)
 
 
+SIGMA_SOURCE = {
+    "stored": "Each LN's frozen sigma as recorded in the checkpoint (lnfree_sigmas).",
+    "implied": "The checkpoint stores each LN as gamma / sigma only: sigma is chosen so that mean |gamma| = 1 "
+               "(the same function; DLA and DE do not depend on the choice).",
+}
+
+
 def predictions(pair: PairResults) -> None:
     st.caption(f"Metric: {plots.metric_name(pair)}. First clean prompt: "
                + "".join(pair.ln.str_tokens).replace("\n", " "))
@@ -257,6 +264,8 @@ def predictions(pair: PairResults) -> None:
     for col, label, res in ((cols[0], "LN", pair.ln), (cols[1], "LN-free", pair.lnfree)):
         with col:
             st.subheader(f"{label}: `{res.spec}`")
+            if res.ln_free:
+                st.caption(SIGMA_SOURCE.get(res.sigma_source, ""))
             m = st.columns(2)
             m[0].metric("metric, clean", f"{res.metric_clean:.3f}")
             m[1].metric("metric, corrupted", f"{res.metric_corrupt:.3f}")

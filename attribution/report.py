@@ -185,6 +185,7 @@ class Analysis:
         nan = math.nan
         return dict(
             spec=self.model.info.spec, ln_free=bool(self.model.info.ln_free), stage="numbers",
+            sigmas=self.model.info.sigmas, sigma_source=self.model.info.sigma_source,
             metric_clean=float(d.metric.mean()), metric_corrupt=nan,
             top_tokens=[(tok.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)],
             dla_heads=_np(d.heads.mean(0)), dla_mlp=_np(d.mlp.mean(0)),

@@ -70,6 +70,8 @@ class ModelResults:
     passes: dict = field(default_factory=dict)  # full forward passes, backward passes, patched runs
     cost: dict = field(default_factory=dict)    # each stage's wall time in forward-pass equivalents
     stage: str = "verification"      # the last stage done (report.STAGES): later stages' arrays are NaN
+    sigmas: dict | None = None       # LN-free: each LN's frozen sigma, by TransformerLens name
+    sigma_source: str | None = None  # "stored" (recorded in the checkpoint) or "implied" (mean |gamma| = 1)
     attention: np.ndarray | None = field(default=None, repr=False)  # [L, H, T, T] first prompt; not exported
 
     def to_dict(self) -> dict:

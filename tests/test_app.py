@@ -130,6 +130,7 @@ def test_missing_directory_is_an_error(tiny_ln_dir, tmp_path):
         ("answer", " Zyzzogeton Quaxle", "single token"),
         ("prompt", "", "empty"),
         ("corrupt", "Mary", "length"),
+        ("prompt", "When Mary and John went to the store, " * 40 + "John gave a drink to", "context"),
     ],
 )
 def test_custom_task_input_errors(tiny_ln_dir, tiny_lnfree_dir, field, value, message):
@@ -350,4 +351,5 @@ def test_custom_task_without_a_corrupted_prompt_shows_what_needs_none(tiny_ln_di
     assert_complete(at)
     assert set(figures(at)) == {"dla_heads", "dla_layers", "dla_vs_de", "logit_lens", "attention"}
     assert any("No corrupted prompt" in i.value for i in at.info)
+    assert any("as recorded in the checkpoint" in c.value for c in at.caption)  # the fixture stores sigmas
     assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)")

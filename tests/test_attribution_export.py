@@ -58,6 +58,10 @@ def test_json_has_the_issue_keys(pair):
         assert np.allclose(data[side]["dla_heads"], getattr(pair[0], side).dla_heads)
     assert data["settings"]["task"] == "induction"
     assert data["lnfree"]["ln_free"] is True and data["ln"]["ln_free"] is False
+    # where each sigma comes from: the fixture's checkpoint records its sigmas
+    assert data["lnfree"]["sigma_source"] == "stored" and data["ln"]["sigma_source"] is None
+    assert data["lnfree"]["sigmas"] == pytest.approx(pair[2].info.sigmas, rel=0, abs=0)
+    assert data["ln"]["sigmas"] is None
 
 
 def test_figures_show_the_results(pair):
