@@ -17,7 +17,7 @@ install: $(PY)
 	$(PY) -m pip install -q -e ".[export]"
 
 install-dev: install
-	$(PY) -m pip install -q -e ".[export,dev]"
+	$(PY) -m pip install -q -e ".[export,dev,track]"
 
 # Debian's chromium drives kaleido's PNG/SVG export and the real-browser test.
 system-deps:
