@@ -60,26 +60,32 @@ class Recipe:
 
 
 def _paper(name: str, *, steps: int, lr: float, min_lr: float, warmup: int, aux: float, starts: tuple,
-           gaps: tuple, micro: int) -> Recipe:
-    """A recipe of the paper's table; starts = (ln2, qk, v, ln_f), gaps = (ln2, qk, v)."""
-    accum = 2**19 // (micro * 1024)  # 2^19 = 524,288 tokens per optimizer step, as the paper's config
-    momentum = 0.9 if micro >= 16 else 0.9 ** (micro / 32)
+           gaps: tuple, micro: int, seqs: int, decay_seqs: int = 32) -> Recipe:
+    """A recipe of the paper's table; starts = (ln2, qk, v, ln_f), gaps = (ln2, qk, v).
+
+    seqs: sequences per optimizer step as the paper's config.py has them (its micro-batch times
+    2^19 // (micro-batch x 1024)); our micro-batch divides it.  decay_seqs: sigma's moving average decays
+    by 0.9 per this many sequences (the paper: 0.9 per forward call of its micro-batch for small /
+    medium, 0.9 ** (micro-batch / 32) for large / xl, i.e. per 32 sequences).
+    """
+    if seqs % micro:
+        raise ValueError(f"micro-batch {micro} does not divide {seqs} sequences per step")
     return Recipe(name=name, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup, aux_lambda=aux,
                   ln2_start=starts[0], ln2_gap=gaps[0], qk_start=starts[1], qk_gap=gaps[1], v_start=starts[2],
-                  v_gap=gaps[2], lnf_step=starts[3], micro_batch=micro, grad_accum=accum, n_ctx=1024,
-                  momentum=momentum)
+                  v_gap=gaps[2], lnf_step=starts[3], micro_batch=micro, grad_accum=seqs // micro, n_ctx=1024,
+                  momentum=0.9 ** (micro / decay_seqs))
 
 
 # The paper released gpt2-large and gpt2-xl at steps 600 and 800 of their 1200-step schedules.
 RECIPES: dict[str, Recipe] = {
     "gpt2": _paper("gpt2", steps=300, lr=6e-4, min_lr=3e-4, warmup=25, aux=0.1, starts=(20, 44, 68, 104),
-                   gaps=(2, 2, 3), micro=32),
+                   gaps=(2, 2, 3), micro=32, seqs=512),
     "gpt2-medium": _paper("gpt2-medium", steps=500, lr=6e-4, min_lr=3e-4, warmup=10, aux=0.1,
-                          starts=(20, 68, 116, 188), gaps=(2, 2, 3), micro=16),
+                          starts=(20, 68, 116, 188), gaps=(2, 2, 3), micro=22, seqs=506, decay_seqs=22),
     "gpt2-large": _paper("gpt2-large", steps=1200, lr=3e-4, min_lr=4e-5, warmup=15, aux=0.03,
-                         starts=(30, 174, 318, 534), gaps=(4, 4, 6), micro=8),
+                         starts=(30, 174, 318, 534), gaps=(4, 4, 6), micro=8, seqs=504),
     "gpt2-xl": _paper("gpt2-xl", steps=1200, lr=1e-4, min_lr=2e-5, warmup=20, aux=0.01,
-                      starts=(50, 242, 434, 722), gaps=(4, 4, 6), micro=4),
+                      starts=(50, 242, 434, 722), gaps=(4, 4, 6), micro=4, seqs=504),
     # 4 layers, ctx 256, 2 CPU cores (~13 min): every LN gone by step 170 of 300, 921k tokens.  Gentler
     # than the paper's gaps: removing blocks.1's ln_1 v path blows the residual up for a few steps (a
     # ~1e7x gradient-norm spike that clipping and the aux loss repair), hence the lax spike check.  A
