@@ -54,6 +54,12 @@ class RunConfig:
     eval_tokens: int = 262_144
     log_with: str | None = None
     keep_checkpoints: bool = False
+    stop_at: int | None = None  # end (and export) at this step of the max_steps schedule; None: at max_steps
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: stop_at, else max_steps (the LR and removal schedules span max_steps)."""
+        return self.stop_at or self.max_steps
 
     @property
     def recipe_obj(self) -> Recipe:
@@ -122,6 +128,8 @@ def check_config(cfg: RunConfig) -> None:
     check_recipe(cfg.recipe_obj)
     if cfg.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, not {cfg.max_steps}.")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.max_steps:
+        raise UserError(f"--stop-at must lie in 1..{cfg.max_steps} (the schedule's steps), not {cfg.stop_at}.")
     if cfg.save_every < 0:
         raise UserError(f"--save-every must be 0 (never) or positive, not {cfg.save_every}.")
     if cfg.eval_tokens < 1:

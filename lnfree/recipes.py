@@ -76,7 +76,9 @@ def _paper(name: str, *, steps: int, lr: float, min_lr: float, warmup: int, aux:
                   momentum=0.9 ** (micro / decay_seqs))
 
 
-# The paper released gpt2-large and gpt2-xl at steps 600 and 800 of their 1200-step schedules.
+# The paper released gpt2-large and gpt2-xl at steps 600 and 800 of their 1200-step schedules: a run of
+# those recipes stops there by default (lnfree.remove --stop-at), keeping the schedules of 1200 steps.
+RELEASED_AT = {"gpt2-large": 600, "gpt2-xl": 800}
 RECIPES: dict[str, Recipe] = {
     "gpt2": _paper("gpt2", steps=300, lr=6e-4, min_lr=3e-4, warmup=25, aux=0.1, starts=(20, 44, 68, 104),
                    gaps=(2, 2, 3), micro=32, seqs=512),
@@ -145,5 +147,5 @@ def check_schedule(steps: dict[str, int], total: int) -> str | None:
     late = [k for k, s in steps.items() if s > total]
     if late:
         return (f"{len(late)} LayerNorms (first {late[0]}) would be removed after the last step {total}; "
-                f"lower the removal steps or raise --max-steps.")
+                f"lower the removal steps, or raise --max-steps or --stop-at.")
     return None

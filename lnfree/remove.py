@@ -42,6 +42,7 @@ from lnfree.recipes import (
     MODEL_RECIPE,
     RECIPE_FIELDS,
     RECIPES,
+    RELEASED_AT,
     Recipe,
     check_schedule,
     override,
@@ -54,7 +55,7 @@ from models.registry import Shape, shape_of
 DEFAULTS = {"seed": 0, "save_every": 50, "mixed_precision": "no", "eval_tokens": 262_144}
 # What --resume may change (and --threads): none of it alters the data or the model being trained.
 SAFE_ON_RESUME = ("lr", "min_lr", "max_steps", "save_every", "log_with", "auto_recover", "keep_checkpoints")
-RUN_FLAGS = ("model", "data", "dataset", "seed", "max_steps", "save_every", "mixed_precision", "eval_tokens",
+RUN_FLAGS = ("model", "data", "dataset", "seed", "max_steps", "stop_at", "save_every", "mixed_precision", "eval_tokens",
              "log_with", "keep_ln", "fsdp", "gradient_checkpointing", "auto_recover", "keep_checkpoints")
 
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: the model's own")
     p.add_argument("--max-steps", type=int, help="shorter than the recipe: the schedule is compressed")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="end and export at this step of the schedule (default: the paper's release, 600 of 1200 "
+                        "for gpt2-large and 800 for gpt2-xl, else the last step)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
     src.add_argument("--dataset", choices=DATASETS)
@@ -199,14 +203,20 @@ def new_config(args, out: Path) -> RunConfig:
     recipe = override(RECIPES[name], **values)
     recipe, fitted = fit_to_model(recipe, args, shape)
     max_steps = args.max_steps if args.max_steps is not None else recipe.steps
+    released = RELEASED_AT.get(name) if args.max_steps is None and args.stop_at is None else None
+    stop_at = args.stop_at if args.stop_at is not None else released
+    stop_at = None if stop_at == max_steps else stop_at  # the whole schedule: no early stop to record
     settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS.items()}
     cfg = RunConfig(model=args.model, output_dir=str(out), recipe=recipe.as_dict(), max_steps=max_steps,
                     data=args.data, dataset=args.dataset, save_every=settings["save_every"], seed=settings["seed"],
                     keep_ln=args.keep_ln, mixed_precision=settings["mixed_precision"], fsdp=args.fsdp,
                     gradient_checkpointing=args.gradient_checkpointing, auto_recover=args.auto_recover,
                     eval_tokens=settings["eval_tokens"], log_with=args.log_with,
-                    keep_checkpoints=args.keep_checkpoints)
+                    keep_checkpoints=args.keep_checkpoints, stop_at=stop_at)
     check_config(cfg)
+    if released:
+        print(f"note: stopping at step {released} of the {max_steps}-step schedule, as the paper's released "
+              f"{name} checkpoint; --stop-at {max_steps} runs all of it", file=sys.stderr)
     check_against_model(cfg, shape)
     if cfg.data:
         check_source(cfg.data)
@@ -223,7 +233,7 @@ def check_against_model(cfg: RunConfig, shape: Shape | None) -> None:
     r = cfg.recipe_obj
     if r.n_ctx > shape.n_ctx:
         raise UserError(f"--n-ctx {r.n_ctx} exceeds the model's context {shape.n_ctx}; lower --n-ctx.")
-    problem = None if cfg.keep_ln else check_schedule(schedule(r, shape.n_layer, cfg.max_steps), cfg.max_steps)
+    problem = None if cfg.keep_ln else check_schedule(schedule(r, shape.n_layer, cfg.max_steps), cfg.last_step)
     if problem:
         raise UserError(problem)
 
@@ -303,8 +313,11 @@ def dry_run(cfg: RunConfig, world: int) -> str:
         raise UserError(f"The config.json of {cfg.model!r} cannot be read as a GPT-2 configuration.")
     sched = schedule(r, shape.n_layer, cfg.max_steps)
     mem = estimate_memory(shape, r, cfg.mixed_precision, world, cfg.fsdp, cfg.gradient_checkpointing)
-    return format_plan(cfg.model, shape, r, cfg.max_steps, sched, mem, world, cfg.mixed_precision, cfg.fsdp,
+    plan = format_plan(cfg.model, shape, r, cfg.max_steps, sched, mem, world, cfg.mixed_precision, cfg.fsdp,
                        cfg.gradient_checkpointing, cfg.keep_ln)
+    if cfg.stop_at:
+        plan += f"\nstops at step {cfg.stop_at} of {cfg.max_steps} ({cfg.stop_at * r.tokens_per_step / 1e6:,.1f}M tokens)"
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -41,6 +41,7 @@ def build_run_json(cfg, run, initial_ce, final_ce, export_diff, sigmas, info, wa
         "ln_free": bool(info.ln_free),
         "recipe": cfg.recipe,
         "max_steps": cfg.max_steps,
+        "stop_at": cfg.stop_at,
         "schedule": {} if cfg.keep_ln else run.sched,
         "data": cfg.source,
         "seed": cfg.seed,

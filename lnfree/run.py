@@ -75,7 +75,7 @@ class Run:
         self.eot = self.tokenizer.eos_token_id
         self.n_layer = model.config.n_layer
         self.sched = schedule(self.r, self.n_layer, cfg.max_steps)
-        problem = check_schedule(self.sched, cfg.max_steps)
+        problem = check_schedule(self.sched, cfg.last_step)  # every LN gone by the step the run ends
         if problem and not cfg.keep_ln:
             raise UserError(problem)
         self.fakes = {} if cfg.keep_ln else convert_to_fake(model)
@@ -85,7 +85,7 @@ class Run:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        train_tokens = cfg.max_steps * self.r.tokens_per_step
+        train_tokens = cfg.last_step * self.r.tokens_per_step
         if data is not None:
             self.data, self.held = data
         else:

@@ -149,7 +149,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
 def _loop(run: Run, metrics_path: Path) -> None:
     cfg, acc = run.cfg, run.acc
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not acc.is_main_process, desc="removing LN"
+    bar = tqdm(total=cfg.last_step, initial=run.step, disable=not acc.is_main_process, desc="removing LN"
                if not cfg.keep_ln else "fine-tuning", dynamic_ncols=True)
     try:  # closed before any message below it, so that the message is the last line
         _steps(run, metrics_path, bar)
@@ -163,7 +163,7 @@ def _steps(run: Run, metrics_path: Path, bar) -> None:
     cfg, acc = run.cfg, run.acc
     n_fakes = len(run.fake_modules())
     t_last = time.time()
-    while run.step < cfg.max_steps:
+    while run.step < cfg.last_step:
         step = run.step + 1
         m, gone, bad = run.advance(step)
         if bad:
@@ -187,7 +187,7 @@ def _steps(run: Run, metrics_path: Path, bar) -> None:
             bar.update(1)
         if cfg.log_with:
             acc.log(row, step=step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.last_step:
             run.save()
         if run.any_process(signals.pending() is not None):
             _stop(run)

@@ -278,3 +278,33 @@ def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):
                           capture_output=True, text=True, timeout=120)
     assert_user_error(proc, "Unknown model")
 
+
+
+def test_large_and_xl_stop_at_the_papers_release_by_default(tmp_path):
+    """The paper released gpt2-large / xl at steps 600 / 800 of 1200-step schedules: a default run stops
+    there, keeping the 1200-step schedules; --stop-at 1200 runs all of it; a compressed run runs to its end."""
+    for model, released in (("gpt2-large", 600), ("gpt2-xl", 800)):
+        proc = remove("--model", model, "--output-dir", tmp_path / model, "--dry-run")
+        assert f"stops at step {released} of 1200" in proc.stdout and "1200 steps x" in proc.stdout
+        assert "--stop-at 1200 runs all of it" in proc.stderr
+    proc = remove("--model", "gpt2-large", "--output-dir", tmp_path / "full", "--dry-run", "--stop-at", "1200")
+    assert "stops at" not in proc.stdout
+    proc = remove("--model", "gpt2-large", "--output-dir", tmp_path / "short", "--dry-run", "--max-steps", "100")
+    assert "stops at" not in proc.stdout and "100 steps x" in proc.stdout
+    assert_user_error(remove("--model", "gpt2-large", "--output-dir", tmp_path / "x", "--dry-run", "--stop-at", "0",
+                             check=False), "--stop-at must lie in 1..1200")
+
+
+def test_a_run_stopped_early_is_the_full_runs_first_steps(tiny_ln_dir, text_data, tmp_path):
+    """--stop-at keeps the schedule of --max-steps (the LR and the removals): its steps are those of the
+    full run, and it ends and exports at the stop."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    remove("--model", tiny_ln_dir, "--data", text_data, "--output-dir", full, *TRAIN, "--max-steps", "14")
+    remove("--model", tiny_ln_dir, "--data", text_data, "--output-dir", stopped, *TRAIN, "--max-steps", "14",
+           "--stop-at", "11")
+    rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, stopped)}
+    keys = ("step", "ce", "loss", "lr", "lns_removed")
+    assert [[r[k] for k in keys] for r in rows[stopped]] == [[r[k] for k in keys] for r in rows[full][:11]]
+    run = json.loads((stopped / "run.json").read_text())
+    assert run["steps"] == 11 and run["stop_at"] == 11 and run["max_steps"] == 14
+    assert (stopped / "model.safetensors").exists()
