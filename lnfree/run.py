@@ -193,7 +193,10 @@ class Run:
             last = k == self.accum_local - 1
             with nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
                 logits = self.model(ids).logits
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                # EOT targets are not trained, as in the paper's code (its pad token is EOT, and the
+                # causal-LM collator masks padding): predicting where a document ends is not learnt.
+                targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.eot, -100)
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
                 loss = ce
                 if self.use_aux:
                     aux = aux_loss(self.fakes_final().last_input_std, ids, self.eot)

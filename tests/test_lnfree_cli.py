@@ -308,3 +308,30 @@ def test_a_run_stopped_early_is_the_full_runs_first_steps(tiny_ln_dir, text_data
     run = json.loads((stopped / "run.json").read_text())
     assert run["steps"] == 11 and run["stop_at"] == 11 and run["max_steps"] == 14
     assert (stopped / "model.safetensors").exists()
+
+
+def test_training_ce_masks_eot_targets_as_the_papers_collator(tiny_ln_dir, text_data, tmp_path):
+    """The first step's training CE (vanilla control: the model as loaded) equals the CE of that step's
+    batches with every EOT target left out, computed here in float64, and not the CE with them."""
+    import torch.nn.functional as F
+
+    from lnfree.data import load_train_eval
+
+    out = tmp_path / "run"
+    remove("--model", tiny_ln_dir, "--data", text_data, "--output-dir", out, *TRAIN, "--max-steps", "1",
+           "--keep-ln")
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ce"]
+    model, tokenizer, _ = load_hf(str(tiny_ln_dir), "float64")
+    data, _ = load_train_eval(str(text_data), tokenizer, 32, None, 256, seed=1)
+    eot = tokenizer.eos_token_id
+    masked, unmasked = [], []
+    with torch.no_grad():
+        for k in range(2):  # --micro-batch 4 x --grad-accum 2
+            ids = data.batch(1, 4, 8, k)
+            logits = model(ids).logits[:, :-1].flatten(0, 1)
+            targets = ids[:, 1:].flatten()
+            assert (targets == eot).any()  # the batch has EOT targets to leave out
+            masked.append(F.cross_entropy(logits, targets.masked_fill(targets == eot, -100)).item())
+            unmasked.append(F.cross_entropy(logits, targets).item())
+    assert logged == pytest.approx(sum(masked) / 2, rel=1e-5)
+    assert abs(sum(unmasked) / 2 - logged) > 1e-3
