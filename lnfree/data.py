@@ -80,7 +80,9 @@ def check_source(source: str) -> None:
         raise DataError(f"Data path {source!r} does not exist.") from None
     except OSError as err:
         raise DataError(f"Data path {source!r} cannot be read ({err.strerror}).") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_ISDIR(mode):
+        _data_files(Path(source))  # each file of the folder, by its type too
+    elif not stat.S_ISREG(mode):
         raise DataError(f"Data path {source!r} is {file_kind(mode)}, not a file or a folder; give a .txt or "
                         f".jsonl file, or a folder of them.")
 

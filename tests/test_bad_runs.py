@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lnfree.data
+import models
 from lnfree import checkpoint as ckpt
 from lnfree import evaluate, remove, trainer
 from lnfree import run as run_module
@@ -47,6 +49,10 @@ def digest(*paths) -> dict[str, str]:
         for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return out
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("a model or the data was loaded before the bad input was refused")
 
 
 def cli(entry, args, capsys) -> tuple[int, str]:
@@ -239,13 +245,13 @@ def test_remove_refuses_bad_flags_and_paths_before_loading(case, tmp_path, run_a
     args = [*run_args, "--output-dir", out, *(f.format(tmp=tmp_path) for f in flags)]
     mine = [tiny_ln_dir, text_data, tmp_path / "a-file", tmp_path / "texts"]
     before = digest(*mine)
-    started = time.time()
+    monkeypatch.setattr(models, "load_hf", _must_not_load)  # refused before a model or the data loads
+    monkeypatch.setattr(lnfree.data, "load_train_eval", _must_not_load)
     code, err = cli(remove.main, args, capsys)
     assert_sentence(code, err, phrase)
     assert len(err.strip().splitlines()) == 1, err
     assert digest(*mine) == before
     assert not out.exists()  # nothing written, not even the folder
-    assert time.time() - started < 5  # refused before a model or the data loads
 
 
 EVALUATE_CASES = {
