@@ -264,8 +264,8 @@ def predictions(pair: PairResults) -> None:
     for col, label, res in ((cols[0], "LN", pair.ln), (cols[1], "LN-free", pair.lnfree)):
         with col:
             st.subheader(f"{label}: `{res.spec}`")
-            if res.ln_free:
-                st.caption(SIGMA_SOURCE.get(res.sigma_source, ""))
+            if res.sigma_source in SIGMA_SOURCE:
+                st.caption(SIGMA_SOURCE[res.sigma_source])
             m = st.columns(2)
             m[0].metric("metric, clean", f"{res.metric_clean:.3f}")
             m[1].metric("metric, corrupted", f"{res.metric_corrupt:.3f}")
