@@ -61,14 +61,16 @@ def format_plan(spec: str, shape: Shape, recipe: Recipe, total_steps: int, sched
         f"({recipe.micro_batch} seqs x {recipe.grad_accum} micro-batches x ctx {recipe.n_ctx}) "
         f"= {tokens / 1e6:,.1f}M tokens",
         f"LR {recipe.lr:g} -> {recipe.min_lr:g} (warmup {recipe.warmup}, cosine), AdamW wd {recipe.weight_decay}, "
-        f"clip {recipe.grad_clip}, aux lambda {0.0 if keep_ln else recipe.aux_lambda}, "
-        f"sigma momentum {recipe.momentum:.4g}/micro-batch",
+        f"clip {recipe.grad_clip}, aux lambda {recipe.aux_lambda}, "
+        f"sigma momentum per micro-batch {recipe.momentum:.4g} (ln_1 {recipe.momentum ** 3:.4g}: three updates "
+        f"per forward, as in the paper's code)",
     ]
     if keep_ln:
         lines.append("vanilla control (--keep-ln): no LayerNorm is removed")
     else:
-        lines.append(f"{'stage':<12} {'LNs':>4} {'first step':>11} {'last step':>10}")
-        lines += [f"{label:<12} {n:>4} {first:>11} {last:>10}" for label, n, first, last in stages(sched)]
+        lines.append(f"{'stage':<12} {'LNs':>4} {'removed after steps':>20}")
+        lines += [f"{label:<12} {n:>4} {f'{first}..{last}' if last > first else str(first):>20}"
+                  for label, n, first, last in stages(sched)]
     shard = f"FSDP over {world}" if fsdp else f"{world} process(es), DDP" if world > 1 else "1 process"
     lines.append(f"memory per device ({mixed_precision if mixed_precision != 'no' else 'fp32'}, {shard}"
                  f"{', gradient checkpointing' if grad_ckpt else ''}): ~{mem.total / GIB:.1f} GiB "

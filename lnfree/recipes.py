@@ -1,7 +1,8 @@
 """The paper's removal recipes (arXiv 2507.02559) as dataclasses, and removal schedules.
 
-Step numbers count optimizer steps from 1; an LN removed "at step s" is frozen
-just before step s's forward pass.  Within each stage layers go 0, 1, 2, ...
+Step numbers count optimizer steps from 1.  An LN scheduled at step s is removed
+once s steps are done, so step s + 1 is the first without it: the paper's code
+removes it in `on_step_begin` when `global_step == s`.  Within each stage layers go 0, 1, 2, ...
 `gap` steps apart: every ln_2, then every ln_1 q/k path, then every ln_1 v path,
 then ln_f.
 """
@@ -35,7 +36,7 @@ class Recipe:
     micro_batch: int  # sequences per device per forward pass
     grad_accum: int  # micro-batches per optimizer step, summed over all processes
     n_ctx: int = 1024
-    momentum: float = 0.9  # sigma EMA momentum per micro-batch (the paper's convention)
+    momentum: float = 0.9  # sigma EMA momentum per forward call of one micro-batch (the paper's convention)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     embed_lr_scale: float = 1.0  # learning rate of wte/wpe as a multiple of `lr` (1: the paper)
@@ -49,11 +50,6 @@ class Recipe:
     @property
     def tokens_per_step(self) -> int:
         return self.seqs_per_step * self.n_ctx
-
-    @property
-    def step_momentum(self) -> float:
-        """EMA momentum per optimizer step (sigma is updated once per step from all micro-batches)."""
-        return self.momentum**self.grad_accum
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,8 +140,8 @@ def schedule(recipe: Recipe, n_layer: int, max_steps: int | None = None) -> dict
 
 def check_schedule(steps: dict[str, int], total: int) -> str | None:
     """A user-facing problem with a schedule, or None."""
-    late = [k for k, s in steps.items() if s > total]
+    late = [k for k, s in steps.items() if s >= total]  # removed after step s: s < total leaves a step without it
     if late:
-        return (f"{len(late)} LayerNorms (first {late[0]}) would be removed after the last step {total}; "
+        return (f"{len(late)} LayerNorms (first {late[0]}) would be removed at or after the last step {total}; "
                 f"lower the removal steps, or raise --max-steps or --stop-at.")
     return None

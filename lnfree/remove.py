@@ -52,7 +52,7 @@ from lnfree.recipes import (
 from models.registry import Shape, shape_of
 
 # Defaults of a new run; None in the parser, so that --resume can tell what was given.
-DEFAULTS = {"seed": 0, "save_every": 50, "mixed_precision": "no", "eval_tokens": 262_144}
+DEFAULTS = {"seed": 0, "save_every": 50, "eval_tokens": 262_144}
 # What --resume may change (and --threads): none of it alters the data or the model being trained.
 SAFE_ON_RESUME = ("lr", "min_lr", "max_steps", "save_every", "log_with", "auto_recover", "keep_checkpoints")
 RUN_FLAGS = ("model", "data", "dataset", "seed", "max_steps", "stop_at", "save_every", "mixed_precision", "eval_tokens",
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--threads)")
     p.add_argument("--keep-ln", action="store_true", help="vanilla fine-tuning control (LNs stay)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and memory estimate, then exit")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], help="default no")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"],
+                   help="default bf16 on a GPU that has it (as the paper trains), else no (fp32)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (for gpt2-xl on several GPUs)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--auto-recover", action="store_true", help="on divergence roll back and halve the LR")
@@ -207,6 +208,7 @@ def new_config(args, out: Path) -> RunConfig:
     stop_at = args.stop_at if args.stop_at is not None else released
     stop_at = None if stop_at == max_steps else stop_at  # the whole schedule: no early stop to record
     settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS.items()}
+    settings["mixed_precision"] = args.mixed_precision or default_precision()
     cfg = RunConfig(model=args.model, output_dir=str(out), recipe=recipe.as_dict(), max_steps=max_steps,
                     data=args.data, dataset=args.dataset, save_every=settings["save_every"], seed=settings["seed"],
                     keep_ln=args.keep_ln, mixed_precision=settings["mixed_precision"], fsdp=args.fsdp,
@@ -255,6 +257,13 @@ def fit_to_model(recipe: Recipe, args, shape: Shape | None) -> tuple[Recipe, str
                     f"--n-ctx, --micro-batch and --grad-accum to choose.")
 
 
+def default_precision() -> str:
+    """bf16 autocast where the GPU has bf16 (the paper trains in bf16), fp32 on a CPU."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def _fitting_micro_batch(shape: Shape, recipe: Recipe, micro: int, args) -> int:
     import torch
 
@@ -262,7 +271,8 @@ def _fitting_micro_batch(shape: Shape, recipe: Recipe, micro: int, args) -> int:
     from models.loading import available_bytes
 
     have = available_bytes("cuda" if torch.cuda.is_available() else "cpu")
-    while micro > 1 and estimate_memory(shape, replace(recipe, micro_batch=micro), args.mixed_precision or "no",
+    while micro > 1 and estimate_memory(shape, replace(recipe, micro_batch=micro),
+                                        args.mixed_precision or default_precision(),
                                         1, args.fsdp, args.gradient_checkpointing).total > have:
         micro //= 2
     return micro

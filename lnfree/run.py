@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from lnfree import checkpoint as ckpt
 from lnfree.config import RunConfig, UserError
-from lnfree.fake_ln import aux_loss, convert_to_fake, find_fakes
+from lnfree.fake_ln import (
+    ResidualStd,
+    aux_loss,
+    convert_to_fake,
+    fake_norms,
+    find_fakes,
+    measure_initial_sigmas,
+)
 from lnfree.optim import adamw_groups
 from lnfree.recipes import check_schedule, schedule
 
@@ -78,10 +85,11 @@ class Run:
         problem = check_schedule(self.sched, cfg.last_step)  # every LN gone by the step the run ends
         if problem and not cfg.keep_ln:
             raise UserError(problem)
-        self.fakes = {} if cfg.keep_ln else convert_to_fake(model)
-        self.use_aux = not cfg.keep_ln and self.r.aux_lambda > 0
-        if self.use_aux:
-            self.fakes["ln_final"].keep_input_std = True
+        if not cfg.keep_ln:
+            convert_to_fake(model)
+        # The aux loss in the vanilla control too, as in the paper's code (one recipe, LN kept or not).
+        self.use_aux = self.r.aux_lambda > 0
+        self.resid_std = ResidualStd(model) if self.use_aux else None
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -98,6 +106,9 @@ class Run:
         if eval_initial and self.acc.is_main_process:  # before sharding: one process, whole model
             self.initial_ce = heldout_ce(model.to(self.acc.device), self.held)
         self.model, self.opt = self.acc.prepare(model, opt)
+        if not cfg.keep_ln:  # sigma starts from the original model's std on the first training sequence
+            first = self.data.batch(1, self.r.micro_batch, self.r.seqs_per_step, 0)[:1]
+            measure_initial_sigmas(self.model, first.to(self.acc.device))
         self.sched_lr = get_cosine_with_min_lr_schedule_with_warmup(
             self.opt, min(self.r.warmup, cfg.max_steps), cfg.max_steps, min_lr=self.r.min_lr)
         self.step, self.tokens, self.lr_scale, self.recoveries = 0, 0, 1.0, 0
@@ -112,7 +123,12 @@ class Run:
         return self.acc.unwrap_model(self.model)
 
     def fake_modules(self):
+        """The removable LN paths by name (see fake_ln.fake_ln_names)."""
         return {} if self.cfg.keep_ln else find_fakes(self.core)
+
+    def norms(self):
+        """Each FakeLayerNorm once (ln_1 serves two paths)."""
+        return {} if self.cfg.keep_ln else fake_norms(self.core)
 
     def removed(self) -> int:
         return sum(not f.is_live for f in self.fake_modules().values())
@@ -178,7 +194,8 @@ class Run:
     def apply_schedule(self, step: int) -> list[str]:
         gone = []
         for name, fake in self.fake_modules().items():
-            if fake.is_live and self.sched[name] <= step:
+            # An LN scheduled at s goes once s steps are done (the paper's on_step_begin at global_step s).
+            if fake.is_live and self.sched[name] < step:
                 fake.remove()
                 gone.append(name)
         return gone
@@ -187,7 +204,10 @@ class Run:
         micro, seqs = self.r.micro_batch, self.r.seqs_per_step
         # Sums stay on the device: a .cpu() per micro-batch would stall the GPU queue each time.
         ce_sum, aux_sum, loss_sum = (torch.zeros((), device=self.acc.device) for _ in range(3))
+        norms = list(self.norms().values())
         for k in range(self.accum_local):
+            for ln in norms:
+                ln.micro = k
             ids = self.data.batch(step, micro, seqs, self.acc.process_index * self.accum_local + k)
             ids = ids.to(self.acc.device)
             last = k == self.accum_local - 1
@@ -199,7 +219,8 @@ class Run:
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
                 loss = ce
                 if self.use_aux:
-                    aux = aux_loss(self.fakes_final().last_input_std, ids, self.eot)
+                    aux = aux_loss(self.resid_std.last, ids, self.eot)
+                    self.resid_std.last = None
                     loss = ce + self.r.aux_lambda * aux
                     aux_sum += aux.detach().float()
                 self.acc.backward(loss / self.accum_local)
@@ -213,23 +234,23 @@ class Run:
         ce, aux, loss = stats.tolist()
         return {"ce": ce, "aux": aux, "loss": loss, "grad_norm": float(gnorm)}
 
-    def fakes_final(self):
-        return self.fake_modules()["ln_final"]
-
     def commit_sigmas(self) -> None:
-        fakes = self.fake_modules()
-        if not fakes:
+        """Fold the step's micro-batches into each sigma in their global order (process-major)."""
+        norms = list(self.norms().values())
+        if not norms:
             return
-        stats = torch.stack([f.pending_stats() for f in fakes.values()])
+        stats = torch.stack([ln.pending_stats(self.accum_local) for ln in norms])  # [norms, micro, 2]
         if self.world > 1:
-            stats = self.acc.reduce(stats.to(self.acc.device), "sum")
-        for f, s in zip(fakes.values(), stats, strict=True):
-            f.commit_ema(s, self.r.step_momentum)
+            gathered = self.acc.gather(stats.to(self.acc.device))  # [world * norms, micro, 2], rank order
+            stats = gathered.view(self.world, len(norms), self.accum_local, 2).transpose(0, 1)
+            stats = stats.reshape(len(norms), self.world * self.accum_local, 2)
+        for ln, s in zip(norms, stats.cpu(), strict=True):
+            ln.commit_ema(s, self.r.momentum)
 
     def discard_step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        for f in self.fake_modules().values():
-            f._std_sum, f._std_count = 0.0, 0
+        for ln in self.norms().values():
+            ln.clear_stats()
 
     def problem(self, m: dict) -> str | None:
         if not math.isfinite(m["loss"]):

@@ -30,7 +30,7 @@ from lnfree.config import (
     UserError,
     save_run_config,
 )
-from lnfree.fake_ln import convert_to_fake, find_fakes
+from lnfree.fake_ln import convert_to_fake, fake_norms, find_fakes
 from lnfree.files import append_line, remove_tree, write_atomic, writing
 from lnfree.run import Run, heldout_ce, load_base
 
@@ -231,6 +231,8 @@ def finish(run: Run, initial_ce: float | None) -> dict:
     if run.saved_step != run.step:
         run.save()  # the trained weights on disk before the export: a failed export loses nothing
     summary: dict = {}
+    if run.resid_std is not None:
+        run.resid_std.remove()  # the exported model carries no training hook
     model = _full_model(run)
     if acc.is_main_process:
         fakes = {} if cfg.keep_ln else find_fakes(model)
@@ -253,7 +255,7 @@ def finish(run: Run, initial_ce: float | None) -> dict:
 
         loaded, _, info = load_hf(str(out))
         final_ce = heldout_ce(loaded.to(acc.device), run.held)  # on the training device, like the initial CE
-        sigmas = {n: float(f.sigma) for n, f in fakes.items()}
+        sigmas = {} if cfg.keep_ln else {n: float(ln.sigma) for n, ln in fake_norms(model).items()}
         summary = report.build_run_json(cfg, run, initial_ce, final_ce, diff, sigmas, info,
                                         run.wall_before + time.time() - run.t0)
         write_atomic(out / "README.md", report.model_card(summary))

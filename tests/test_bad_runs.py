@@ -207,7 +207,7 @@ REMOVE_CASES = {
     "removal at step 0": (["--lnf-step", "0"], "--lnf-step must be at least 2"),
     "negative removal gap": (["--qk-gap", "-1"], "--qk-gap must be 0 or more"),
     "removal after the last step": (["--max-steps", "400", "--steps", "300", "--lnf-step", "500"],
-                                    "would be removed after the last step"),
+                                    "would be removed at or after the last step"),
     "not a number": (["--lr", "fast"], "invalid float value"),
     "int flag given a float": (["--warmup", "2.5"], "invalid int value"),
     "output dir is a file": (["--output-dir", "{tmp}/a-file"], "is a file; give a directory"),

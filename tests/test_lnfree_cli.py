@@ -43,8 +43,35 @@ def assert_user_error(proc, *words):
 def baseline(tmp_path_factory, tiny_ln_dir, text_data):
     """An uninterrupted run, checkpointing every 5 steps."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    remove("--model", tiny_ln_dir, "--output-dir", out, "--data", text_data, "--save-every", 5, *TRAIN)
+    remove("--model", tiny_ln_dir, "--output-dir", out, "--data", text_data, "--save-every", 5, *TRAIN,
+           "--keep-checkpoints")
     return out
+
+
+def lnfree_logits_by_hand(sd: dict, ids: torch.Tensor, n_head: int) -> torch.Tensor:
+    """A trained FakeLN checkpoint's function in float64, written out: every LN (x - mean) / sigma * gamma + beta."""
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+
+    def ln(prefix, x):
+        assert not sd[f"{prefix}.live"].any()
+        return (x - x.mean(-1, keepdim=True)) / sd[f"{prefix}.sigma"] * sd[f"{prefix}.weight"] + sd[f"{prefix}.bias"]
+
+    def gelu(x):  # GPT-2's tanh approximation
+        return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+
+    T, wte = ids.shape[1], sd["transformer.wte.weight"]
+    h = wte[ids] + sd["transformer.wpe.weight"][:T]
+    d = h.shape[-1]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(sum(k.endswith(".mlp.c_fc.weight") for k in sd)):
+        p = f"transformer.h.{i}."
+        qkv = ln(p + "attn.c_attn.ln", h) @ sd[p + "attn.c_attn.c_attn.weight"] + sd[p + "attn.c_attn.c_attn.bias"]
+        q, k, v = (x.view(*x.shape[:2], n_head, d // n_head).transpose(1, 2) for x in qkv.split(d, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // n_head) ** 0.5 + mask, -1) @ v
+        h = h + a.transpose(1, 2).reshape(h.shape) @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
+        m = gelu(ln(p + "ln_2", h) @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"])
+        h = h + m @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
+    return ln("transformer.ln_f", h) @ wte.T  # the unembedding is tied
 
 
 def test_end_to_end_run_removes_every_ln_and_lowers_the_loss(baseline, tiny_ln_dir):
@@ -56,20 +83,25 @@ def test_end_to_end_run_removes_every_ln_and_lowers_the_loss(baseline, tiny_ln_d
     assert run["steps"] == STEPS and run["tokens_seen"] == STEPS * 8 * 32
     assert run["heldout_ce_final"] < run["heldout_ce_initial"] - 1.0
     assert sum(r["ce"] for r in rows[-5:]) / 5 < rows[0]["ce"] - 1.0
-    assert run["export_max_logit_diff"] < 1e-4
-    assert not (baseline / "checkpoints").exists()  # pruned after a finished run
+    # The export computes the trained model's function: against the last checkpoint's LNs written out by hand.
+    from safetensors.torch import load_file
+
+    sd = load_file(baseline / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors")
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    plain = GPT2LMHeadModel.from_pretrained(baseline, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (plain(ids).logits.double() - lnfree_logits_by_hand(sd, ids, plain.config.n_head)).abs().max()
+    assert diff < 1e-4 and run["export_max_logit_diff"] < 1e-4
     assert (baseline / "README.md").read_text().count(f"{run['heldout_ce_final']:.4f}") >= 1
     model, _, info = load_hf(str(baseline))
     assert info.ln_free and info.base == str(tiny_ln_dir)
-    # What the checkpoint stores is what training froze: ln_1 keeps the q/k sigma (the v path's was
-    # folded into c_attn), ln_2 and ln_f their own.
-    trained = run["sigmas"]
-    want = {"ln_final": trained["ln_final"]}
+    # What the exported model stores is what training froze, one sigma per LN (ln_1's two paths share it).
+    assert set(run["sigmas"]) == {"blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_final"}
+    assert info.sigmas == pytest.approx(run["sigmas"], rel=1e-6)
+    in_checkpoint = {"ln_final": "transformer.ln_f"}
     for i in range(2):
-        want[f"blocks.{i}.ln1"] = trained[f"blocks.{i}.ln1.qk"]
-        want[f"blocks.{i}.ln2"] = trained[f"blocks.{i}.ln2"]
-    assert info.sigmas == pytest.approx(want, rel=1e-6)
-    plain = GPT2LMHeadModel.from_pretrained(baseline)
+        in_checkpoint |= {f"blocks.{i}.ln1": f"transformer.h.{i}.attn.c_attn.ln", f"blocks.{i}.ln2": f"transformer.h.{i}.ln_2"}
+    assert {k: float(sd[f"{v}.sigma"]) for k, v in in_checkpoint.items()} == pytest.approx(run["sigmas"], rel=1e-6)
     assert plain.config.layer_norm_epsilon == 1e12
 
 
@@ -80,6 +112,7 @@ def test_vanilla_control_with_spans_and_frozen_embeddings(tmp_path, tiny_ln_dir,
            "--max-steps", 6, "--keep-ln", "--embed-lr-scale", 0, "--span-frac", 0.5)
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "vanilla" and not run["ln_free"] and run["schedule"] == {}
+    assert not (out / "checkpoints").exists()  # pruned after a finished run
     assert run["recipe"]["span_frac"] == 0.5 and run["recipe"]["embed_lr_scale"] == 0
     assert "50% of the chunks repeated random-token spans" in (out / "README.md").read_text()
     model, _, info = load_hf(str(out))
@@ -231,8 +264,8 @@ def test_dry_run_plans_gpt2_xl_without_weights():
     proc = remove("--model", "gpt2-xl", "--output-dir", "/nonexistent/xl", "--dry-run", "--mixed-precision", "bf16")
     out = proc.stdout
     assert "48 layers" in out and "1,557.6M parameters" in out
-    assert "ln_f            1         722        722" in out
-    assert "ln_1 v         48         434        716" in out
+    assert "ln_f            1                  722" in out
+    assert "ln_1 v         48             434..716" in out
     gib = float(out.split("~")[1].split(" GiB")[0])
     assert 35 < gib < 80
 
@@ -310,9 +343,10 @@ def test_a_run_stopped_early_is_the_full_runs_first_steps(tiny_ln_dir, text_data
     assert (stopped / "model.safetensors").exists()
 
 
-def test_training_ce_masks_eot_targets_as_the_papers_collator(tiny_ln_dir, text_data, tmp_path):
+def test_training_ce_masks_eot_targets_and_the_control_has_the_aux_loss(tiny_ln_dir, text_data, tmp_path):
     """The first step's training CE (vanilla control: the model as loaded) equals the CE of that step's
-    batches with every EOT target left out, computed here in float64, and not the CE with them."""
+    batches with every EOT target left out, computed here in float64, and not the CE with them.  The
+    control is trained with the aux loss, as in the paper's code: its value is the definition written out."""
     import torch.nn.functional as F
 
     from lnfree.data import load_train_eval
@@ -320,18 +354,44 @@ def test_training_ce_masks_eot_targets_as_the_papers_collator(tiny_ln_dir, text_
     out = tmp_path / "run"
     remove("--model", tiny_ln_dir, "--data", text_data, "--output-dir", out, *TRAIN, "--max-steps", "1",
            "--keep-ln")
-    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["ce"]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    logged = row["ce"]
     model, tokenizer, _ = load_hf(str(tiny_ln_dir), "float64")
     data, _ = load_train_eval(str(text_data), tokenizer, 32, None, 256, seed=1)
     eot = tokenizer.eos_token_id
-    masked, unmasked = [], []
+    masked, unmasked, aux = [], [], []
+    resid = []
+    model.transformer.ln_f.register_forward_pre_hook(lambda m, a: resid.append(a[0]))  # returns None
     with torch.no_grad():
         for k in range(2):  # --micro-batch 4 x --grad-accum 2
             ids = data.batch(1, 4, 8, k)
             logits = model(ids).logits[:, :-1].flatten(0, 1)
+            x = resid.pop()
+            std = ((x - x.mean(-1, keepdim=True)) ** 2).mean(-1).add(1e-5).sqrt()  # [B, T] at the ln_f input
+            special = (ids == eot) | (torch.arange(ids.shape[1]) == 0)
+            aux.append(((std - std[~special].mean()) ** 2).mean().item())
             targets = ids[:, 1:].flatten()
             assert (targets == eot).any()  # the batch has EOT targets to leave out
             masked.append(F.cross_entropy(logits, targets.masked_fill(targets == eot, -100)).item())
             unmasked.append(F.cross_entropy(logits, targets).item())
     assert logged == pytest.approx(sum(masked) / 2, rel=1e-5)
     assert abs(sum(unmasked) / 2 - logged) > 1e-3
+    assert row["aux"] == pytest.approx(sum(aux) / 2, rel=1e-4) and row["aux"] > 0
+    assert row["loss"] == pytest.approx(row["ce"] + 0.1 * row["aux"], rel=1e-6)  # the gpt2 recipe's lambda
+
+
+def test_mixed_precision_defaults_to_bf16_on_a_gpu_that_has_it(monkeypatch, tmp_path):
+    """The paper trains in bf16: the default on a bf16 GPU; fp32 on a CPU; the flag wins over both."""
+    from lnfree import remove as rm
+
+    def cfg(*extra):
+        args = rm.build_parser().parse_args(["--model", "gpt2", "--output-dir", str(tmp_path), "--dry-run", *extra])
+        return rm.config_from_args(args).mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cfg() == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cfg() == "bf16" and cfg("--mixed-precision", "no") == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cfg() == "no"

@@ -7,23 +7,23 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from lnfree import export
-from lnfree.fake_ln import convert_to_fake
+from lnfree.fake_ln import convert_to_fake, fake_norms
 from models import load_hf
 from tests.conftest import tiny_model
 
 
 def _removed_fake_model(tokenizer, seed=1):
     model = tiny_model(tokenizer, seed=seed)
-    fakes = convert_to_fake(model)
+    paths = convert_to_fake(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for fake in fakes.values():
-            # Paths that ended differently: own gamma, beta and sigma for every LN (q/k and v too).
+        for fake in fake_norms(model).values():  # own gamma, beta and sigma for every LN
             fake.weight.copy_(torch.rand(fake.weight.shape, generator=g) + 0.5)
             fake.bias.copy_(torch.randn(fake.bias.shape, generator=g) * 0.2)
             fake.sigma.fill_(0.3 + torch.rand((), generator=g).item())
-            fake.remove()
-    return model.eval(), fakes
+    for path in paths.values():
+        path.remove()
+    return model.eval(), fake_norms(model)
 
 
 def _reference_logits(model, fakes, ids):
@@ -37,8 +37,8 @@ def _reference_logits(model, fakes, ids):
     for i, block in enumerate(t.h):
         attn, d, nh = block.attn, h.shape[-1], block.attn.num_heads
         w, b = attn.c_attn.c_attn.weight, attn.c_attn.c_attn.bias
-        qk = ln(fakes[f"blocks.{i}.ln1.qk"], h) @ w[:, : 2 * d] + b[: 2 * d]
-        v = ln(fakes[f"blocks.{i}.ln1.v"], h) @ w[:, 2 * d :] + b[2 * d :]
+        qk = ln(fakes[f"blocks.{i}.ln1"], h) @ w[:, : 2 * d] + b[: 2 * d]  # one ln_1 for both paths
+        v = ln(fakes[f"blocks.{i}.ln1"], h) @ w[:, 2 * d :] + b[2 * d :]
         q, k = qk.split(d, -1)
         q, k, v = (x.view(*x.shape[:2], nh, d // nh).transpose(1, 2) for x in (q, k, v))
         a = torch.softmax(q @ k.transpose(-1, -2) / (d // nh) ** 0.5 + mask, -1) @ v
@@ -60,9 +60,7 @@ def test_export_round_trip_exact_and_loaded_as_ln_free(tokenizer, tmp_path):
         assert (loaded(ids).logits - ref).abs().max().item() < 1e-4
     m, _, info = load_hf(str(tmp_path))
     assert info.ln_free and info.base == "demo"
-    want = {f"blocks.{i}.ln1": float(fakes[f"blocks.{i}.ln1.qk"].sigma) for i in range(2)}
-    want |= {f"blocks.{i}.ln2": float(fakes[f"blocks.{i}.ln2"].sigma) for i in range(2)}
-    want["ln_final"] = float(fakes["ln_final"].sigma)
+    want = {name: float(f.sigma) for name, f in fakes.items()}
     assert info.sigmas == pytest.approx(want, rel=1e-6)
     with torch.no_grad():
         assert (m(ids).logits - ref).abs().max().item() < 1e-4  # models/' exact linear LNs agree too

@@ -52,7 +52,7 @@ def test_sequences_per_step_and_sigma_decay_are_the_papers(name):
     accum = 2**19 // (micro * 1024)
     r = RECIPES[name]
     assert r.seqs_per_step == micro * accum
-    assert r.step_momentum == pytest.approx(momentum ** accum, rel=1e-12)
+    assert r.momentum ** r.grad_accum == pytest.approx(momentum ** accum, rel=1e-12)
     assert r.momentum == pytest.approx(momentum ** (r.micro_batch / micro), rel=1e-12)
 
 
