@@ -37,7 +37,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     cmd = [sys.executable, "-m", "models.demo_training.pretrain", "--out", str(out), "--batch-size", "2", "--n-ctx", "128",
            "--steps", "20", "--warmup", "5", "--induction-steps", "30", "--induction-ctx", "32",
            "--induction-lengths", "3", "8", "--induction-lr", "3e-3", "--repeats-only", "--repeat-frac", "0.5",
-           "--repeat-lengths", "3", "20", "--embed-std", "1", "--final-ln-gain", "0.004"]
+           "--repeat-lengths", "3", "20", "--embed-std", "1", "--final-ln-gain", "0.004", "--heldout-chunks", "16"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lrs = {int(line.split()[1].split("/")[0]): float(line.split(" lr ")[1].split()[0])
@@ -45,7 +45,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     assert lrs[20] == 3e-3 and lrs[40] < 1e-3  # constant during the span steps, then the text schedule
     report = json.loads((out / "training.json").read_text())
     assert report["train_args"]["induction_steps"] == 30 and report["tokens_seen"] == 30 * 2 * 32 + 20 * 2 * 128
-    assert report["text_tokens_seen"] == 20 * 1 * 128
+    assert report["text_tokens_seen"] == 20 * 1 * 128 and report["heldout_tokens"] == 16 * 128
     (probe,) = report["induction_during_training"]
     assert probe["step"] == 50 and set(probe["length_20"]) == {"first_copy", "second_copy"}
     model, _, info = load_hf(str(out))
@@ -55,7 +55,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     # steps, the written model is that model.
     again = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(again), "--init-from", str(out),
-                           "--n-ctx", "128", "--steps", "0", "--induction-steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--n-ctx", "128", "--steps", "0", "--induction-steps", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
@@ -63,7 +63,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     frozen = tmp_path / "frozen"
     proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(frozen), "--init-from", str(out),
                            "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1",
-                           "--induction-steps", "0", "--embed-lr-scale", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--induction-steps", "0", "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     moved = load_hf(str(frozen))[0].transformer
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
