@@ -189,3 +189,26 @@ def test_remove_from_a_hub_name(env, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["lnfree_base"] == LN and config["layer_norm_epsilon"] == 1e12
     assert any("not the registry's" in line for line in warnings_of(r.stderr))
+
+
+def test_the_app_opens_on_hub_names(hub_home, monkeypatch):
+    """The app by hub name: the LN-free release alone on the command line pairs with its base (`gpt2`), and the
+    sidebar's listed pair for GPT-2 small opens the same models, from the cache, offline."""
+    from tests.test_app import app, assert_complete, complete, metric
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--lnfree", LNFREE])
+    at = app()
+    at.session_state["n_prompts"], at.session_state["seq_len"] = 2, 6
+    complete(at.run())
+    assert_complete(at)
+    assert [s.value for s in at.subheader[:2]] == [f"LN: `{LN}`", f"LN-free: `{LNFREE}`"]
+    assert "gamma / sigma only" in " ".join(c.value for c in at.main.caption)  # implied sigmas, said so
+    assert float(metric(at, "LN-free: DLA error (NMAE vs true direct effect)")) < 1e-6
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    at = app()
+    at.session_state["pair"], at.session_state["n_prompts"], at.session_state["seq_len"] = f"{LN}  |  {LNFREE}", 2, 6
+    complete(at.run())
+    assert_complete(at)
+    assert [s.value for s in at.subheader[:2]] == [f"LN: `{LN}`", f"LN-free: `{LNFREE}`"]
