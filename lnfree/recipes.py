@@ -14,6 +14,7 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 
 from lnfree.fake_ln import fake_ln_names
+from models.registry import hub_name
 
 TARGET_FRACTION = 0.7  # a compressed schedule removes its last LN by this fraction of the run
 
@@ -103,8 +104,8 @@ BY_DEPTH = {12: "gpt2", 24: "gpt2-medium", 36: "gpt2-large", 48: "gpt2-xl", 4: "
 def recipe_for_model(spec: str, n_layer: int | None = None) -> tuple[str, str | None]:
     """The default recipe of a model spec: its own, else by depth (12/24/36/48 layers), else gpt2; and,
     for a model of known depth without a recipe of its own, a note saying which was chosen and why."""
-    if spec in MODEL_RECIPE:
-        return MODEL_RECIPE[spec], None
+    if hub_name(spec) in MODEL_RECIPE:
+        return MODEL_RECIPE[hub_name(spec)], None
     name = BY_DEPTH.get(n_layer or 0, "gpt2")
     if n_layer is None:  # an unknown spec: loading it will say so
         return name, None

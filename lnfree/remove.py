@@ -49,7 +49,7 @@ from lnfree.recipes import (
     recipe_for_model,
     schedule,
 )
-from models.registry import Shape, shape_of
+from models.registry import Shape, hub_name, shape_of
 
 # Defaults of a new run; None in the parser, so that --resume can tell what was given.
 DEFAULTS = {"seed": 0, "save_every": 50, "eval_tokens": 262_144}
@@ -74,7 +74,8 @@ RECIPE_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m lnfree.remove", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="hub name (gpt2, gpt2-xl, ...), local HF dir, or demo")
+    p.add_argument("--model", help="hub name (gpt2, gpt2-xl, ...; NAME@REVISION for a branch, tag or commit), "
+                                   "local HF dir, or demo")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: the model's own")
     p.add_argument("--max-steps", type=int, help="shorter than the recipe: the schedule is compressed")
@@ -244,7 +245,7 @@ def fit_to_model(recipe: Recipe, args, shape: Shape | None) -> tuple[Recipe, str
     """For a model the recipes do not know: --n-ctx defaults to the model's context, and the batch shape
     keeps the recipe's tokens per micro-batch and per step, micro-batches halved until one fits in memory.
     Returns the recipe and a note saying what was chosen (None when nothing changed)."""
-    if args.model in MODEL_RECIPE or shape is None or args.r_n_ctx is not None or shape.n_ctx == recipe.n_ctx:
+    if hub_name(args.model) in MODEL_RECIPE or shape is None or args.r_n_ctx is not None or shape.n_ctx == recipe.n_ctx:
         return recipe, None
     n_ctx, tokens = shape.n_ctx, RECIPES[recipe.name].tokens_per_step  # the named recipe's, before overrides
     micro = args.r_micro_batch or max(1, recipe.micro_batch * recipe.n_ctx // n_ctx)

@@ -106,14 +106,16 @@ def resolve(spec: str) -> Path:
             raise ModelSpecError(f"`{spec}` is not built yet; build it with `{how}`.")
         return path
     path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and spec not in registry.HUB_MODELS)
+    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and registry.hub_name(spec) not in registry.HUB_MODELS)
     if path.exists() or looks_local:
         return _check_local_dir(path, spec)
-    if spec in registry.HUB_MODELS:
-        return _download(spec)
+    name, revision = registry.split_revision(spec)
+    if name in registry.HUB_MODELS:
+        return _download(name, revision)
     known = ", ".join(sorted(registry.HUB_MODELS)[:6])
     raise ModelSpecError(
-        f"Unknown model {spec!r}: give a GPT-2 hub name ({known}, ...), `demo`, `demo-lnfree`, "
+        f"Unknown model {spec!r}: give a GPT-2 hub name ({known}, ...; NAME@REVISION for a branch, tag or "
+        f"commit), `demo`, `demo-lnfree`, "
         f"or a local directory written by `lnfree.remove` or `save_pretrained`."
     )
 
@@ -138,17 +140,23 @@ def _check_local_dir(path: Path, spec: str) -> Path:
     return path
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch (or find in the local cache) a hub model's safetensors, config and tokenizer."""
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch (or find in the local cache) a hub model's safetensors, config and tokenizer, at `revision`
+    (a branch, tag or commit; default main)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
 
+    what = f"{repo_id!r} at revision {revision!r}" if revision else repr(repo_id)
+    args = f"{repo_id} --revision {revision}" if revision else repo_id
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except RevisionNotFoundError:
+        raise ModelSpecError(f"{repo_id!r} has no revision {revision!r} on the hub; give a branch, tag or "
+                             f"commit that exists.") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise ModelSpecError(
-            f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({type(err).__name__}); run `hf download {repo_id}` (`huggingface-cli download {repo_id}` with "
+            f"{what} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(err).__name__}); run `hf download {args}` (`huggingface-cli download {args}` with "
             f"huggingface_hub before 0.34) with network access, or point HF_HOME at a cache that holds it."
         ) from None
 
@@ -156,7 +164,7 @@ def _download(repo_id: str) -> Path:
 def warn_if_not_listed_shape(spec: str, cfg: dict) -> None:
     """A hub name whose checkpoint's shape is not the registry's (a cache holding another model under that name):
     one warning line on stderr; the checkpoint's own config.json is believed."""
-    listed, found = registry.HUB_MODELS.get(spec), registry.Shape.from_config(cfg)
+    listed, found = registry.HUB_MODELS.get(registry.hub_name(spec)), registry.Shape.from_config(cfg)
     if listed is not None and found != listed:
         print(f"warning: {spec!r} has {found.describe()} in its config.json, not the registry's "
               f"{listed.describe()}; using the checkpoint's shape.", file=sys.stderr)

@@ -70,11 +70,25 @@ for _twin, _base in EXTRA_LNFREE.items():
     HUB_MODELS[_twin] = GPT2_SHAPES[_base]
 
 
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """`NAME@REVISION` (a branch, tag or commit of a known hub model) -> (NAME, REVISION); anything else,
+    a local path with an @ included, -> (spec, None)."""
+    name, at, revision = str(spec).rpartition("@")
+    if at and name in HUB_MODELS and revision:
+        return name, revision
+    return str(spec), None
+
+
+def hub_name(spec: str) -> str:
+    """The spec without its @revision: what the registry's tables are keyed by."""
+    return split_revision(spec)[0]
+
+
 def shape_of(spec: str) -> Shape | None:
     """The shape of a hub model (without downloading it) or of a local directory's config.json;
     None when neither is at hand."""
-    if spec in HUB_MODELS:
-        return HUB_MODELS[spec]
+    if hub_name(spec) in HUB_MODELS:
+        return HUB_MODELS[hub_name(spec)]
     from models.validate import read_json_object  # (here: it imports torch, and this module stays light)
 
     path = DEMO_DIRS.get(spec, Path(spec).expanduser()) / "config.json"
@@ -104,6 +118,7 @@ def is_demo(spec: str) -> bool:
 
 def base_of(spec: str) -> str | None:
     """The LN model that a known LN-free (or vanilla) spec was fine-tuned from."""
+    spec = hub_name(spec)
     for base, twin in PAIRS.items():
         if spec in (twin, VANILLA.get(base)):
             return base
@@ -112,4 +127,4 @@ def base_of(spec: str) -> str | None:
 
 def lnfree_twin(spec: str) -> str | None:
     """The known LN-free twin of an LN spec, if any."""
-    return PAIRS.get(spec)
+    return PAIRS.get(hub_name(spec))

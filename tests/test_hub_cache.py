@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.file_download import (
     _cache_commit_hash_for_specific_revision,
@@ -39,10 +40,12 @@ LN, LNFREE, VANILLA = "gpt2", registry.PAIRS["gpt2"], registry.VANILLA["gpt2"]
 SIGMAS = [0.5, 0.75, 1.0, 1.25, 1.5]  # the LN-free release's sigmas, per LN in ln_names order (not stored)
 
 
-def cache_repo(cache: Path, repo_id: str, files: Path) -> str:
-    """Put the files of the directory `files` into the hub cache `cache` as `repo_id` at its main revision."""
+def cache_repo(cache: Path, repo_id: str, files: Path, commit: str | None = None,
+               ref: str = constants.DEFAULT_REVISION) -> str:
+    """Put the files of the directory `files` into the hub cache `cache` as `repo_id` at commit `commit`, which
+    the branch or tag `ref` points at (default: main)."""
     storage = str(cache / repo_folder_name(repo_id=repo_id, repo_type="model"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex commit hash
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex commit hash
     listing = {}
     for file in sorted(files.iterdir()):
         data = file.read_bytes()
@@ -59,7 +62,7 @@ def cache_repo(cache: Path, repo_id: str, files: Path) -> str:
     if write_tree_cache:
         listing["pytorch_model.bin"] = TreeCacheEntry(10, "0" * 40, "0" * 64, 10)  # on the hub, never fetched
         write_tree_cache(storage, commit, listing)
-    _cache_commit_hash_for_specific_revision(storage, constants.DEFAULT_REVISION, commit)
+    _cache_commit_hash_for_specific_revision(storage, ref, commit)
     return commit
 
 
@@ -212,3 +215,32 @@ def test_the_app_opens_on_hub_names(hub_home, monkeypatch):
     complete(at.run())
     assert_complete(at)
     assert [s.value for s in at.subheader[:2]] == [f"LN: `{LN}`", f"LN-free: `{LNFREE}`"]
+
+
+def test_name_at_revision_loads_that_revision(tmp_path, tokenizer, monkeypatch):
+    """`NAME@REVISION` (a tag or a commit) loads that snapshot of a hub model; the name keys the registry (its
+    twin, recipe and shape); a revision the cache lacks offline is one sentence with the command that fetches it."""
+    from lnfree.recipes import recipe_for_model
+    from models import ModelSpecError
+
+    cache = tmp_path / "hub"
+    for seed, commit, ref in ((0, None, "main"), (2, "1" * 40, "v1")):
+        files = tmp_path / f"seed{seed}"
+        tiny_model(tokenizer, seed=seed).save_pretrained(files)
+        tokenizer.save_pretrained(files)
+        cache_repo(cache, LN, files, commit, ref)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    main, _, _ = load_hf(LN)
+    want = tiny_model(tokenizer, seed=2).state_dict()
+    for spec in (f"{LN}@v1", f"{LN}@{'1' * 40}"):
+        model, _, info = load_hf(spec)
+        assert Path(info.path).name == "1" * 40 and info.spec == spec and info.twin == LNFREE
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if k in want)
+        assert not torch.equal(model.transformer.wte.weight, main.transformer.wte.weight)
+        assert recipe_for_model(spec) == ("gpt2", None) and registry.shape_of(spec) == registry.HUB_MODELS[LN]
+    with pytest.raises(ModelSpecError) as err:
+        load_hf(f"{LN}@v2")
+    assert "'gpt2' at revision 'v2' is not in the local Hugging Face cache" in str(err.value)
+    assert "`hf download gpt2 --revision v2`" in str(err.value)
+    assert registry.split_revision("./runs/a@b") == ("./runs/a@b", None)  # a local path keeps its @
