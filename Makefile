@@ -25,10 +25,12 @@ system-deps:
 	  (apt-get update -q && apt-get install -y -q chromium chromium-driver) >/dev/null || \
 	  echo "warning: could not install chromium (needs root): PNG/SVG export and the browser test will skip"; }
 
-# `make app LN=SPEC LNFREE=SPEC` opens on that pair (LNFREE alone: an lnfree.remove directory and its base).
+# `make app LN=SPEC LNFREE=SPEC [VANILLA=SPEC]` opens on that pair (LNFREE alone: an lnfree.remove directory and
+# its base; VANILLA: its vanilla control, shown in the left column).
 app: install
 	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
-	  $(if $(LN)$(LNFREE),-- $(if $(LN),--ln "$(LN)") $(if $(LNFREE),--lnfree "$(LNFREE)"))
+	  $(if $(LN)$(LNFREE)$(VANILLA),-- $(if $(LN),--ln "$(LN)") $(if $(LNFREE),--lnfree "$(LNFREE)") \
+	  $(if $(VANILLA),--vanilla "$(VANILLA)"))
 
 test: install-dev system-deps
 	$(PY) -m pytest -q

@@ -1,9 +1,9 @@
 """lnfree workbench: an LN model and its LN-free twin, side by side.
 
-    streamlit run app.py [-- --ln SPEC --lnfree SPEC --dtype DTYPE --device DEVICE]
+    streamlit run app.py [-- --ln SPEC --lnfree SPEC --vanilla SPEC --dtype DTYPE --device DEVICE]
 
 Opens on the demo pair, or on the pair given after `--` (an LN-free directory alone pairs with its
-recorded base).  The view (pair, task, prompt, settings) is kept in the URL's query parameters, so a
+recorded base; --vanilla puts the pair's vanilla fine-tuning control in the left column).  The view (pair, task, prompt, settings) is kept in the URL's query parameters, so a
 bookmarked or shared link opens the same view.  Layout and widgets only: loading lives in models/,
 every number in attribution/.
 """
@@ -31,6 +31,7 @@ from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
 from models import PAIRS, ModelSpecError, load_bridge
 from models.loading import DTYPES
+from models.registry import VANILLA
 
 st.set_page_config(page_title="lnfree workbench", layout="wide")
 
@@ -49,10 +50,13 @@ SHORT_S = 0.4  # how long the first drawing waits for the rest of an analysis af
 # Every widget's first value; the opening view is induction, which the demo pair gets right.
 DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
             **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
-            "full_sweeps": False, "verify_top": Settings.verify_top, "live": True}
+            "full_sweeps": False, "verify_top": Settings.verify_top, "live": True, "vanilla_spec": "",
+            "left": "original"}
 # What each choice widget offers (also what a link or the command line may choose).
 CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
-           "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
+           "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+           "left": ["original", "vanilla"]}
+LEFT = {"original": "the LN model it came from", "vanilla": "its vanilla control (fine-tuned alike, LN kept)"}
 
 
 def initial_view() -> list[str]:
@@ -178,7 +182,8 @@ def progress_to(bar):
     return lambda fraction, text: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
 
 
-def sidebar() -> tuple[str, str, str, str, Settings, str]:
+def sidebar() -> tuple[str, str, str, str, Settings, str, str]:
+    """The view: specs, dtype, device, settings, AtP method, and what the left column is (LEFT's key)."""
     sb = st.sidebar
     sb.title("lnfree workbench")
     for key, value in DEFAULTS.items():  # where the command line or the URL has not set them
@@ -189,8 +194,18 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
                                 help="Hub name or local directory; leave empty to use the LN-free model's base")
         lnfree_spec = sb.text_input("LN-free model", help="Hub name or a directory written by `python -m "
                                     "lnfree.remove`", key="lnfree_spec")
+        vanilla = sb.text_input("Vanilla control (optional)", key="vanilla_spec", help="The same fine-tuning "
+                                "with LN kept: a hub release or a directory written by `python -m lnfree.remove "
+                                "--keep-ln`; the paper compares the LN-free model with it")
     else:
         ln_spec, lnfree_spec = PAIR_LABELS[label]
+        vanilla = VANILLA.get(ln_spec, "")
+    left = "original"
+    if vanilla.strip():
+        left = sb.radio("Left column", CHOICES["left"], format_func=LEFT.get, key="left",
+                        help="Against the vanilla control, what differs is LN removal alone, not the fine-tuning")
+        if left == "vanilla":
+            ln_spec = vanilla.strip()
     dtype = sb.selectbox("dtype", CHOICES["dtype"], key="dtype",
                          help="Every number is read out in float64 from the model's activations.")
     device = sb.selectbox("device", CHOICES["device"], key="device")
@@ -224,7 +239,7 @@ def sidebar() -> tuple[str, str, str, str, Settings, str]:
         "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], key="verify_top")
     settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,
                         verify_top=verify_top, **fields)
-    return ln_spec, lnfree_spec, dtype, device, settings, method
+    return ln_spec, lnfree_spec, dtype, device, settings, method, left
 
 
 def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
@@ -321,13 +336,13 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
 
 def main() -> None:
     problems = initial_view()
-    ln_spec, lnfree_spec, dtype, device, settings, method = sidebar()
+    ln_spec, lnfree_spec, dtype, device, settings, method, left = sidebar()
     share_view()
     for problem in problems:
         st.error(problem)
     st.title("LayerNorm vs LN-free")
     st.caption("Direct logit attribution is exact without LayerNorm; attribution patching is "
-               "checked against activation patching. Left: LN model. Right: its LN-free twin.")
+               f"checked against activation patching. Left: {LEFT[left]}. Right: the LN-free model.")
     status = st.container()
     try:
         ln_spec = ln_spec.strip() or get_model(lnfree_spec, dtype, device).info.ln_base()

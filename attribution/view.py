@@ -7,7 +7,7 @@ import argparse
 
 # The sliders' ranges, which is also what a link may set them to.
 RANGES = {"n_prompts": (1, 32), "seq_len": (4, 60), "top_k": (1, 30), "verify_top": (1, 100), "position": (-4096, 4096)}
-TEXT = ("ln_spec", "lnfree_spec", "prompt", "answer", "counterfactual", "corrupt")
+TEXT = ("ln_spec", "lnfree_spec", "vanilla_spec", "prompt", "answer", "counterfactual", "corrupt")
 FLAGS = ("per_position", "full_sweeps")
 
 # What each panel shows and how to read it (one line under its header).
@@ -37,10 +37,11 @@ PANELS = {
 
 
 def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair: str) -> tuple[dict, list[str]]:
-    """Widget values from `streamlit run app.py -- --ln SPEC --lnfree SPEC [--dtype D] [--device D]`
-    (an LN-free spec alone pairs with its recorded base), and a sentence for each that cannot be used."""
+    """Widget values from `streamlit run app.py -- --ln SPEC --lnfree SPEC [--vanilla SPEC] [--dtype D]
+    [--device D]` (an LN-free spec alone pairs with its recorded base; a vanilla control opens on the left),
+    and a sentence for each that cannot be used."""
     p = argparse.ArgumentParser(prog="streamlit run app.py --", add_help=False, exit_on_error=False)
-    for flag in ("--ln", "--lnfree", "--dtype", "--device"):
+    for flag in ("--ln", "--lnfree", "--vanilla", "--dtype", "--device"):
         p.add_argument(flag)
     args, _ = p.parse_known_args(argv)
     values, problems = {}, []
@@ -50,8 +51,10 @@ def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair
             values[key] = value
         elif value is not None:
             problems.append(f"--{key} {value!r} is not available here; use one of {', '.join(choices[key])}.")
-    if args.ln or args.lnfree:
+    if args.ln or args.lnfree or args.vanilla:
         values.update(pair=custom_pair, ln_spec=args.ln or "", lnfree_spec=args.lnfree or "demo-lnfree")
+    if args.vanilla:  # the left column starts on it
+        values.update(vanilla_spec=args.vanilla, left="vanilla")
     return values, problems
 
 

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from attribution import Settings, compare, view
 from models import load_bridge
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -235,6 +236,33 @@ def test_the_command_line_opens_the_app_on_a_pair(tiny_ln_dir, tiny_lnfree_dir, 
     assert "--device 'tpu' is not available here" in at.error[0].value and not at.exception
 
 
+def test_the_vanilla_control_on_the_left(tiny_ln_dir, tiny_lnfree_dir, tokenizer, tmp_path, monkeypatch):
+    """`--vanilla SPEC` (or the sidebar's field) puts the vanilla control in the left column, with every panel
+    computed on it; the radio goes back to the original LN model; the URL keeps the choice."""
+    vanilla = tmp_path / "vanilla"
+    tiny_model(tokenizer, seed=3).save_pretrained(vanilla)
+    tokenizer.save_pretrained(vanilla)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir),
+                                      "--vanilla", str(vanilla)])
+    at = app()
+    # (seq_len 5: the app's analyses are shared by the whole process, and other tests time their own.)
+    at.session_state["task"], at.session_state["n_prompts"], at.session_state["seq_len"] = "induction", 2, 5
+    complete(at.run())
+    assert_complete(at)
+    assert [s.value for s in at.subheader[:2]] == [f"LN: `{vanilla}`", f"LN-free: `{tiny_lnfree_dir}`"]
+    assert any("Left: its vanilla control" in c.value for c in at.main.caption)
+    settings = Settings(task="induction", n_prompts=2, seq_len=5, per_position=False)
+    alone = compare(load_bridge(str(vanilla)), load_bridge(str(tiny_lnfree_dir)), settings)
+    clean = [m.value for m in at.metric if m.label == "metric, clean"]
+    assert clean == [f"{alone.ln.metric_clean:.3f}", f"{alone.lnfree.metric_clean:.3f}"]
+    assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{alone.ln.dla_nmae:.1%}"
+    assert at.query_params["left"] == "vanilla" and at.query_params["vanilla_spec"] == str(vanilla)
+    at.sidebar.radio(key="left").set_value("original")
+    complete(at.run())
+    assert_complete(at)
+    assert at.subheader[0].value == f"LN: `{tiny_ln_dir}`"
+
+
 def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
     """A link's query parameters open the same view, and the page writes its view back into the URL."""
     at = app()
@@ -305,6 +333,7 @@ def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) ->
     # Without live updates a page run shows what is done and returns (with them, it waits for each stage).
     at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), live=False, **settings).run()
     job = at.session_state["job"]
+    assert job.stage in (None, "numbers", "attribution"), "a finished analysis of this view exists already"
     while job.stage != "attribution":
         job.wait(0.5)
     at.run()

@@ -215,6 +215,10 @@ def test_the_app_opens_on_hub_names(hub_home, monkeypatch):
     complete(at.run())
     assert_complete(at)
     assert [s.value for s in at.subheader[:2]] == [f"LN: `{LN}`", f"LN-free: `{LNFREE}`"]
+    at.sidebar.radio(key="left").set_value("vanilla")  # the paper's vanilla release of the pair
+    complete(at.run())
+    assert_complete(at)
+    assert [s.value for s in at.subheader[:2]] == [f"LN: `{VANILLA}`", f"LN-free: `{LNFREE}`"]
 
 
 def test_name_at_revision_loads_that_revision(tmp_path, tokenizer, monkeypatch):
