@@ -3,8 +3,9 @@
     streamlit run app.py [-- --ln SPEC --lnfree SPEC --vanilla SPEC --dtype DTYPE --device DEVICE]
 
 Opens on the demo pair, or on the pair given after `--` (an LN-free directory alone pairs with its
-recorded base; --vanilla puts the pair's vanilla fine-tuning control in the left column).  The view (pair, task, prompt, settings) is kept in the URL's query parameters, so a
-bookmarked or shared link opens the same view.  Layout and widgets only: loading lives in models/,
+recorded base; --vanilla puts the pair's vanilla fine-tuning control in the left column).  The view
+(pair, task, prompt, settings) is kept in the URL's query parameters, so a bookmarked or shared link
+opens the same view.  Layout and widgets only: loading lives in models/,
 every number in attribution/.
 """
 

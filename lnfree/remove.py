@@ -245,7 +245,8 @@ def fit_to_model(recipe: Recipe, args, shape: Shape | None) -> tuple[Recipe, str
     """For a model the recipes do not know: --n-ctx defaults to the model's context, and the batch shape
     keeps the recipe's tokens per micro-batch and per step, micro-batches halved until one fits in memory.
     Returns the recipe and a note saying what was chosen (None when nothing changed)."""
-    if hub_name(args.model) in MODEL_RECIPE or shape is None or args.r_n_ctx is not None or shape.n_ctx == recipe.n_ctx:
+    if (hub_name(args.model) in MODEL_RECIPE or shape is None or args.r_n_ctx is not None
+            or shape.n_ctx == recipe.n_ctx):
         return recipe, None
     n_ctx, tokens = shape.n_ctx, RECIPES[recipe.name].tokens_per_step  # the named recipe's, before overrides
     micro = args.r_micro_batch or max(1, recipe.micro_batch * recipe.n_ctx // n_ctx)

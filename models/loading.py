@@ -106,7 +106,8 @@ def resolve(spec: str) -> Path:
             raise ModelSpecError(f"`{spec}` is not built yet; build it with `{how}`.")
         return path
     path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and registry.hub_name(spec) not in registry.HUB_MODELS)
+    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and
+                                                        registry.hub_name(spec) not in registry.HUB_MODELS)
     if path.exists() or looks_local:
         return _check_local_dir(path, spec)
     name, revision = registry.split_revision(spec)
