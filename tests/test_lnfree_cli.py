@@ -166,7 +166,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_ln_dir, text_data):
     b = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (a["processes"], b["processes"]) == (1, 2)
     assert abs(a["heldout_ce_final"] - b["heldout_ce_final"]) < 2e-3
-    assert b["sigmas"] == pytest.approx(a["sigmas"], rel=1e-3)
+    # Each sigma folds the same micro-batches in the same global order, whatever the number of processes.
+    assert b["sigmas"] == pytest.approx(a["sigmas"], rel=1e-5)
     ra = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["ce"] for r in rb] == pytest.approx([r["ce"] for r in ra], abs=2e-3)
