@@ -221,6 +221,8 @@ class ResidualStd:
         self.handle = core.transformer.ln_f.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
+        if not module.training:  # evaluation passes (the held-out CE) need no aux loss: no float copy kept
+            return
         x = args[0].float()
         self.last = torch.sqrt(x.var(-1, unbiased=False) + AUX_STD_EPS)
 

@@ -160,6 +160,30 @@ def test_converted_model_equals_original_while_live(tokenizer):
                                    "transformer.h.0.ln_2.sigma", "transformer.h.0.ln_2.live"])
 
 
+def test_residual_std_is_the_ln_f_inputs_std_in_training_only(tokenizer):
+    """The aux loss's input: the per-position std of ln_f's input (paper: sqrt(var + 1e-5)), with gradient,
+    on training passes; evaluation passes keep nothing."""
+    from lnfree.fake_ln import ResidualStd
+
+    model = tiny_model(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 9))
+    seen = []
+    model.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    rec = ResidualStd(model)
+    model.eval()
+    model(ids)
+    assert rec.last is None
+    model.train()
+    model(ids)
+    x = seen[-1]
+    want = ((x - x.mean(-1, keepdim=True)) ** 2).mean(-1).add(1e-5).sqrt()
+    torch.testing.assert_close(rec.last.double(), want, rtol=1e-5, atol=1e-6)
+    assert rec.last.requires_grad
+    rec.remove()
+    model(ids)
+    assert rec.last is None
+
+
 def test_aux_loss_on_hand_made_input():
     std = torch.tensor([[9.0, 1.0, 2.0, 3.0], [8.0, 4.0, 7.0, 2.0]])
     ids = torch.tensor([[5, 6, 0, 7], [5, 0, 6, 7]])  # EOT = 0 at (0, 2) and (1, 1)
