@@ -21,6 +21,7 @@ from lnfree.files import remove_tree, writing
 
 KEEP = 2
 STATE_FILE = "trainer_state.json"
+FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's sharded state folders
 STATE_KEYS = ("step", "tokens", "lr_scale", "recoveries", "gnorm_level", "scheduler", "train_ces")
 NAME = re.compile(r"step-(\d+)")
 
@@ -59,6 +60,25 @@ def _safetensors_complete(path: Path) -> bool:
     return os.path.getsize(path) == 8 + n + max(ends, default=0)
 
 
+def _sharded_problem(folder: Path) -> str | None:
+    """Why a torch.distributed.checkpoint folder is incomplete: its .metadata (written last, by the first
+    process) is missing or unreadable, or a shard it lists is missing or shorter than the metadata says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    except Exception:  # a missing, empty or truncated pickle: whatever it raises, the folder is unusable
+        return f"its {folder.name}/.metadata is missing or truncated"
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = folder / name
+        if not f.is_file() or f.stat().st_size < end:
+            return f"its shard {folder.name}/{name} is missing or truncated"
+    return None
+
+
 def problem(path: Path) -> str | None:
     """Why the checkpoint in `path` cannot be resumed from, in words; None when it looks complete."""
     try:
@@ -69,6 +89,8 @@ def problem(path: Path) -> str | None:
         return f"its {STATE_FILE} lacks the trainer's state"
     if state["step"] != step_of(path):
         return f"its {STATE_FILE} says step {state['step']!r}, not {step_of(path)}"
+    if (path / FSDP_MODEL).exists():  # a sharded (FSDP) checkpoint: torch.distributed.checkpoint folders
+        return next(filter(None, (_sharded_problem(path / d) for d in (FSDP_MODEL, FSDP_OPTIMIZER))), None)
     model, opt = path / "model.safetensors", path / "optimizer.bin"
     for f in (model, opt):
         if not f.is_file():
@@ -103,6 +125,9 @@ def save(accelerator, root: Path, step: int, trainer_state: dict) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp), safe_serialization=True)
+            # save_state returns on each process once its own files are written (its RNG state, under FSDP
+            # its shards): the rename waits for every process's.
+            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 with open(tmp / STATE_FILE, "w") as f:
                     json.dump(trainer_state, f, indent=1)

@@ -26,20 +26,24 @@ from lnfree.recipes import check_schedule, schedule
 SPIKE_WARMUP = 10  # steps before the grad-norm spike check starts
 
 
-def _accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
+def fsdp_plugin():
+    """FSDP2 (torch's fully_shard), one unit per GPT2Block: every block's weights, grads and Adam states are
+    sharded over the processes and gathered block by block for its forward and backward."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    plugin = None
-    if cfg.fsdp:
-        if not torch.cuda.is_available():
-            raise UserError("--fsdp needs GPUs; run without it on the CPU.")
-        plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
-                                                transformer_cls_names_to_wrap=["GPT2Block"],
-                                                use_orig_params=True)
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=["GPT2Block"], reshard_after_forward=True)
+
+
+def _accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    if cfg.fsdp and not torch.cuda.is_available():
+        # Accelerate enables FSDP on accelerators only: on CPU processes it would run DDP without a word.
+        raise UserError("--fsdp needs GPUs; run without it on the CPU.")
     # cpu=True without GPUs: `accelerate launch --multi_gpu --num_processes N` then runs N gloo processes.
-    return Accelerator(mixed_precision=cfg.mixed_precision, fsdp_plugin=plugin, log_with=cfg.log_with,
-                       project_dir=cfg.output_dir, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=cfg.mixed_precision, fsdp_plugin=fsdp_plugin() if cfg.fsdp else None,
+                       log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not torch.cuda.is_available())
 
 
 def load_base(cfg: RunConfig):
