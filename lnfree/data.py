@@ -9,6 +9,7 @@ single-process run would.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -38,16 +39,65 @@ class DataError(ValueError):
     """Unreadable or unusable data; the message is one sentence for the user."""
 
 
-def owt_test_indices() -> set[int]:
-    """Document indices of the paper's OpenWebText validation split.
+def heldout_indices(n_rows: int) -> set[int]:
+    """Row indices of nanoGPT's validation split (the paper's) of a dataset of n_rows rows.
 
     datasets' train_test_split(test_size=0.0005, seed=2357) takes the first
     ceil(test_size * n) entries of np.random.default_rng(seed).permutation(n);
     recomputing them lets a streamed dataset reproduce the split without the
     whole download.
     """
-    n_test = math.ceil(OWT_TEST_SIZE * OPENWEBTEXT_DOCS)
-    return set(np.random.default_rng(OWT_SEED).permutation(OPENWEBTEXT_DOCS)[:n_test].tolist())
+    n_test = math.ceil(OWT_TEST_SIZE * n_rows)
+    return set(np.random.default_rng(OWT_SEED).permutation(n_rows)[:n_test].tolist())
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """The .parquet files under a folder (a dataset in the hub's format), or none."""
+    return sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else []
+
+
+def dataset_arg(value: str) -> str:
+    """--dataset: a name, or a local folder of a dataset in the hub's format (parquet files)."""
+    if value in DATASETS or parquet_files(Path(value)):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DATASETS)}, or a folder holding a dataset in the hub's format "
+        f"(.parquet files, as `hf download NAME --repo-type dataset --local-dir DIR` writes), not {value!r}")
+
+
+def is_streamed(source: str) -> bool:
+    """Hub datasets and local hub-format datasets are read as streams, up to the tokens a run needs."""
+    return source in ("openwebtext", "pile-filtered") or bool(parquet_files(Path(source)))
+
+
+def _split_stream(rows: Iterable[dict], n_rows: int, split: str, where: str) -> Iterator[str]:
+    """The split's texts of a stream of n_rows rows, in row order (nanoGPT's split, see heldout_indices)."""
+    test = heldout_indices(n_rows)
+    want_test = split == "heldout"
+    for i, row in enumerate(rows):
+        if "text" not in row:
+            raise DataError(f"{where} has no `text` column (it has {', '.join(row) or 'none'}).")
+        if (i in test) == want_test:
+            yield row["text"]
+
+
+def _stream_local(path: Path, split: str) -> Iterator[str]:
+    """A dataset in the hub's format on disk (e.g. a local copy of OpenWebText), streamed with the same
+    load_dataset(..., streaming=True) call as the hub's; its train split's rows are counted from the
+    parquet footers, so the held-out split is the one train_test_split would give on the whole dataset."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    try:
+        files = datasets.load_dataset_builder(str(path)).config.data_files["train"]
+        n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        rows = datasets.load_dataset(str(path), split="train", streaming=True)
+        yield from _split_stream(rows, n_rows, split, repr(str(path)))
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"Could not read the dataset in {str(path)!r} ({type(err).__name__}); give a folder "
+                        f"with the parquet files of a train split.") from None
 
 
 def _stream_hub(name: str, split: str) -> Iterator[str]:
@@ -55,16 +105,14 @@ def _stream_hub(name: str, split: str) -> Iterator[str]:
 
     try:
         if name == "openwebtext":
-            test = owt_test_indices()
             rows = datasets.load_dataset(OPENWEBTEXT, split="train", streaming=True)
-            want_test = split == "heldout"
-            for i, row in enumerate(rows):
-                if (i in test) == want_test:
-                    yield row["text"]
+            yield from _split_stream(rows, OPENWEBTEXT_DOCS, split, OPENWEBTEXT)
         else:  # pile-filtered: an evaluation set, the same documents for either split
             yield from (row["text"] for row in datasets.load_dataset(PILE_FILTERED, split="train",
                                                                      streaming=True))
     except (OSError, ValueError, ConnectionError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"Could not stream {name} from the Hugging Face hub ({type(err).__name__}); "
                         f"check network access or use --data PATH with local text.") from None
 
@@ -94,7 +142,9 @@ def _data_files(path: Path) -> list[Path]:
     for f in files:
         check_source(str(f))
     if not files:
-        raise DataError(f"{str(path)!r} holds no .txt or .jsonl files.")
+        hint = (" (for its .parquet files, a dataset in the hub's format, use --dataset DIR)"
+                if parquet_files(path) else "")
+        raise DataError(f"{str(path)!r} holds no .txt or .jsonl files{hint}.")
     return files
 
 
@@ -132,7 +182,8 @@ def _split_text(text: str, split: str) -> list[str]:
 
 
 def documents(source: str, split: str) -> Iterable[str]:
-    """Documents of `source` ("openwebtext", "pile-filtered", "demo", or a local path) for a split.
+    """Documents of `source` ("openwebtext", "pile-filtered", "demo", a local hub-format dataset, or local
+    text) for a split.
 
     Local data: whole .txt files (or paragraphs, for a single file) and .jsonl rows;
     the last LOCAL_HELDOUT_FRACTION of them (at least one) are held out.  A single
@@ -142,6 +193,8 @@ def documents(source: str, split: str) -> Iterable[str]:
         return load_passages("train" if split == "train" else "heldout")
     if source in ("openwebtext", "pile-filtered"):
         return _stream_hub(source, split)
+    if parquet_files(Path(source)):
+        return _stream_local(Path(source), split)
     docs = _local_documents(Path(source))
     if len(docs) == 1:  # one long text file: split it into paragraphs so that it can be held out
         docs = [p for p in docs[0].split("\n\n") if p.strip()]
@@ -215,7 +268,7 @@ def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None
     (lnfree.spans.repeated_spans), so that fine-tuning keeps exercising the induction heads;
     the held-out chunks stay text.
     """
-    streamed = source in ("openwebtext", "pile-filtered")
+    streamed = is_streamed(source)
     train = tokenize_chunks(documents(source, "train"), tokenizer, n_ctx,
                             train_tokens if streamed else None, desc="tokenising train")
     if span_frac > 0:

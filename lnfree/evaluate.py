@@ -8,7 +8,7 @@ more weight on the first positions, whose residual stream LN removal fits worst.
 How often each model's most likely next token agrees with the first model's measures
 how closely a twin follows its base.
 
-    python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME] [--tokens N] [--json OUT]
+    python -m lnfree.evaluate --models demo demo-lnfree [--data PATH | --dataset NAME|DIR] [--tokens N] [--json OUT]
 
 Default data: the demo held-out split when every model is a demo model (or was
 fine-tuned from one), else OpenWebText's validation split.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lnfree.config import EXIT_USER, UserError
-from lnfree.data import DATASETS, DataError, check_source, documents, tokenize_chunks
+from lnfree.data import DATASETS, DataError, check_source, dataset_arg, documents, tokenize_chunks
 from lnfree.files import check_output_file, write_atomic, writing
 from lnfree.quality import induction_losses, token_losses
 from lnfree.remove import OneLineParser
@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, metavar="SPEC")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
-    src.add_argument("--dataset", choices=DATASETS)
+    src.add_argument("--dataset", type=dataset_arg, metavar="NAME|DIR",
+                     help=f"{', '.join(DATASETS)}, or a local folder of a dataset in the hub's format (parquet "
+                          f"files), streamed as the hub's")
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate on (default 262144)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the smallest model context, max 1024)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -36,7 +36,7 @@ from lnfree.config import (
     flag,
     read_run_config,
 )
-from lnfree.data import DATASETS, check_source
+from lnfree.data import DATASETS, check_source, dataset_arg
 from lnfree.files import check_writable_dir
 from lnfree.recipes import (
     MODEL_RECIPE,
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for gpt2-large and 800 for gpt2-xl, else the last step)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help=".txt file, folder of .txt, or .jsonl with a `text` field")
-    src.add_argument("--dataset", choices=DATASETS)
+    src.add_argument("--dataset", type=dataset_arg, metavar="NAME|DIR",
+                     help=f"{', '.join(DATASETS)}, or a local folder of a dataset in the hub's format (parquet "
+                          f"files), streamed as the hub's")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end; default 50)")
     p.add_argument("--resume", action="store_true",

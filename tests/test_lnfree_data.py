@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lnfree import data
-
-
-def test_owt_split_matches_datasets_train_test_split(monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    n = 20_000
-    monkeypatch.setattr(data, "OPENWEBTEXT_DOCS", n)
-    split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
-        test_size=data.OWT_TEST_SIZE, seed=data.OWT_SEED)
-    assert data.owt_test_indices() == set(split["test"]["i"])
-    assert len(split["test"]) == 10
 
 
 def test_local_sources_and_heldout_split(tmp_path):
@@ -100,3 +92,84 @@ def test_named_pipes_and_devices_are_refused_without_opening_them(tmp_path):
     (tmp_path / "ok.txt").write_text("text " * 100)
     with pytest.raises(data.DataError, match="pipe.jsonl' is a named pipe"):
         data.documents(str(tmp_path), "train")  # a folder holding one
+
+
+def test_the_papers_openwebtext_split_is_train_test_split_at_its_real_size():
+    """heldout_indices at OpenWebText's 8,013,769 rows: the 4,007 documents datasets would hold out."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+
+    n = data.OPENWEBTEXT_DOCS
+    split = datasets.Dataset.from_dict({"i": np.arange(n)}).train_test_split(
+        test_size=data.OWT_TEST_SIZE, seed=data.OWT_SEED)
+    assert data.heldout_indices(n) == set(split["test"]["i"]) and len(split["test"]) == 4007
+
+
+def write_hub_dataset(root, n_rows: int, shards: int = 3, column: str = "text"):
+    """A dataset in the hub's own layout (OpenWebText's: plain_text/train-0000k-of-0000n.parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "plain_text").mkdir(parents=True)
+    bounds = [round(k * n_rows / shards) for k in range(shards + 1)]
+    for k in range(shards):
+        rows = [f"Document {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(20 + i % 30))
+                for i in range(bounds[k], bounds[k + 1])]
+        pq.write_table(pa.table({column: rows}), root / "plain_text" / f"train-{k:05d}-of-{shards:05d}.parquet")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: plain_text\n  data_files:\n  - split: train\n"
+                                    "    path: plain_text/train-*\n---\n")
+    return root
+
+
+def test_a_local_hub_format_dataset_streams_with_the_papers_split(tmp_path):
+    """The streaming path (load_dataset(..., streaming=True)) on a local copy in the hub's format: its held-out
+    documents are train_test_split(0.0005, seed 2357)'s test rows of the same dataset, the rest train."""
+    datasets = pytest.importorskip("datasets")
+    root = write_hub_dataset(tmp_path / "owt", 6001)  # ceil(0.0005 * 6001) = 4 held out
+    assert data.is_streamed(str(root)) and data.dataset_arg(str(root)) == str(root)
+    split = datasets.load_dataset(str(root), split="train").train_test_split(
+        test_size=data.OWT_TEST_SIZE, seed=data.OWT_SEED)
+    held = list(data.documents(str(root), "heldout"))
+    assert len(held) == 4 and sorted(held) == sorted(split["test"]["text"])
+    train = list(data.documents(str(root), "train"))
+    assert len(train) == 5997 and sorted(train) == sorted(split["train"]["text"])
+    assert train[:2] == ["Document 0: " + " ".join(f"w{j}" for j in range(20)),
+                         "Document 1: " + " ".join(f"w{(7 + j) % 97}" for j in range(21))]  # row order kept
+
+
+def test_bad_hub_format_datasets_are_one_sentence(tmp_path):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="a folder holding a dataset in the hub's format"):
+        data.dataset_arg(str(tmp_path))  # no parquet files
+    with pytest.raises(argparse.ArgumentTypeError, match="expected one of openwebtext"):
+        data.dataset_arg("openwebtxt")
+    root = write_hub_dataset(tmp_path / "other", 10, shards=1, column="content")
+    with pytest.raises(data.DataError, match="has no `text` column .it has content"):
+        list(data.documents(str(root), "train"))
+    with pytest.raises(data.DataError, match="use --dataset DIR"):
+        data.check_source(str(root))  # given as --data
+
+
+def test_remove_and_evaluate_read_a_local_hub_format_dataset(tmp_path, tiny_ln_dir):
+    """`--dataset DIR` end to end: lnfree.remove trains on the stream's train rows and holds out its test rows;
+    lnfree.evaluate reads the same held-out rows."""
+    from tests.test_lnfree_cli import ENV, TRAIN, assert_user_error, remove
+
+    root = write_hub_dataset(tmp_path / "owt", 8001)  # 5 held-out documents
+    out = tmp_path / "run"
+    remove("--model", tiny_ln_dir, "--dataset", root, "--output-dir", out, *TRAIN, "--max-steps", 6,
+           "--save-every", 0)
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 6 and run["data"] == str(root)
+    proc = subprocess.run([sys.executable, "-m", "lnfree.evaluate", "--models", str(tiny_ln_dir), str(out),
+                           "--dataset", str(root), "--n-ctx", "32", "--json", str(tmp_path / "eval.json")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["models"][1]["tokens"] == run["heldout_tokens"] == 620
+    assert ev["models"][1]["ce_mean"] == pytest.approx(run["heldout_ce_final"], abs=1e-4)
+    (tmp_path / "empty").mkdir()
+    bad = remove("--model", tiny_ln_dir, "--dataset", tmp_path / "empty", "--output-dir", tmp_path / "bad",
+                 check=False)
+    assert_user_error(bad, "--dataset", "hub's format")
