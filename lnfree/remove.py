@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lnfree import checkpoint as ckpt
-from lnfree import signals
+from lnfree import signals, trackers
 from lnfree.config import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -123,7 +123,7 @@ def config_from_args(args) -> RunConfig:
             raise UserError(f"{flag(name)} must be at least 1, not {value}.")
     out = Path(args.output_dir)
     cfg = resumed_config(args, out) if args.resume else new_config(args, out)
-    check_tracker(cfg.log_with)
+    trackers.check(cfg.log_with)
     return cfg
 
 
@@ -280,37 +280,6 @@ def _fitting_micro_batch(shape: Shape, recipe: Recipe, micro: int, args) -> int:
                                         1, args.fsdp, args.gradient_checkpointing).total > have:
         micro //= 2
     return micro
-
-
-def check_tracker(name: str | None) -> None:
-    """A tracker that cannot start is one sentence before anything loads (wandb would ask for a key)."""
-    if name is None:
-        return
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    if name == "tensorboard" and not is_tensorboard_available():
-        raise UserError("--log-with tensorboard needs the tensorboard package: `pip install tensorboard`, or drop "
-                        "--log-with.")
-    if name == "wandb":
-        if not is_wandb_available():
-            raise UserError("--log-with wandb needs the wandb package: `pip install wandb`, or drop --log-with.")
-        if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not _wandb_key():
-            raise UserError("--log-with wandb needs a W&B API key: run `wandb login`, set WANDB_API_KEY, or set "
-                            "WANDB_MODE=offline.")
-
-
-def _wandb_key() -> bool:
-    """Whether W&B has a key: WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc."""
-    import netrc
-    from urllib.parse import urlsplit
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lnfree import checkpoint as ckpt
-from lnfree import signals
+from lnfree import signals, trackers
 from lnfree.config import (
     MAX_RECOVERIES,
     RUN_CONFIG,
@@ -107,17 +107,6 @@ def _resume(run: Run, metrics_path: Path) -> None:
                "no checkpoint was written yet: starting from step 0")
 
 
-def _start_trackers(run: Run) -> None:
-    cfg = run.cfg
-    if not cfg.log_with:
-        return
-    try:
-        run.acc.init_trackers("lnfree", config={k: v for k, v in cfg.recipe.items() if v is not None})
-    except Exception as err:  # wandb and tensorboard raise their own types
-        raise UserError(f"--log-with {cfg.log_with} could not start ({type(err).__name__}); fix its setup or "
-                        f"drop --log-with.") from None
-
-
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     start_time = time.time()
     out = Path(cfg.output_dir)
@@ -131,7 +120,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if resume:
         _resume(run, metrics_path)
     # Before run_config.json: a tracker that cannot start leaves no run behind.
-    _start_trackers(run)
+    trackers.start(run)
     if acc.is_main_process:
         save_run_config(cfg)
     acc.wait_for_everyone()
@@ -155,8 +144,7 @@ def _loop(run: Run, metrics_path: Path) -> None:
         _steps(run, metrics_path, bar)
     finally:
         bar.close()
-    if cfg.log_with:
-        acc.end_training()
+    trackers.finish(run)
 
 
 def _steps(run: Run, metrics_path: Path, bar) -> None:

@@ -221,7 +221,7 @@ REMOVE_CASES = {
     "data and dataset": (["--dataset", "demo"], "not allowed with"),
     "no model": (["--model", ""], "--model is required"),
     "tensorboard not installed": (["--log-with", "tensorboard"], "needs the tensorboard package"),
-    "wandb without a key": (["--log-with", "wandb"], "needs a W&B API key"),
+    "wandb online without a key": (["--log-with", "wandb"], "WANDB_MODE=online needs a W&B API key"),
     "resume without a run": (["--resume", "--output-dir", "{tmp}/texts"], "holds no run to resume"),
 }
 
@@ -236,6 +236,8 @@ def test_remove_refuses_bad_flags_and_paths_before_loading(case, tmp_path, run_a
         monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
+    if case == "wandb online without a key":  # without WANDB_MODE it logs offline (tests/test_trackers.py)
+        monkeypatch.setenv("WANDB_MODE", "online")
     (tmp_path / "netrc").write_text("")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     _file(tmp_path)
