@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from tests.test_lnfree_cli import TRAIN, remove
-
-from tests.test_lnfree_cli import ENV
+from tests.test_lnfree_cli import ENV, TRAIN, remove
 
 EXTRA = "the tracker extra (pip install -e '.[track]') is not installed"
 
