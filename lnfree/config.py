@@ -102,6 +102,7 @@ _RULES = {  # recipe field -> (test, what the value must be); NaN fails every te
     "embed_lr_scale": (lambda v: 0 <= v < math.inf, "0 (frozen embeddings) or a positive number"),
     "span_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "spike_factor": (lambda v: v >= 1, "at least 1 (inf: no spike check)"),
+    "bos": (lambda v: v in (0, 1), "0 (packed chunks, as the paper) or 1 (every chunk starts with EOT)"),
     # A removed LN freezes the sigma it has measured, so it needs one step of statistics first.
     **{k: (lambda v: v >= 2, "at least 2 (an LN needs one step of statistics before it goes)")
        for k in ("ln2_start", "qk_start", "v_start", "lnf_step")},

@@ -205,8 +205,9 @@ def documents(source: str, split: str) -> Iterable[str]:
 
 
 def tokenize_chunks(docs: Iterable[str], tokenizer, n_ctx: int, max_tokens: int | None = None,
-                    desc: str = "tokenising", batch: int = 256) -> torch.Tensor:
-    """Pack documents into [N, n_ctx] chunks, stopping once max_tokens are collected.
+                    desc: str = "tokenising", batch: int = 256, bos: bool = False) -> torch.Tensor:
+    """Pack documents into [N, n_ctx] chunks (each starting with EOT with `bos`, see models.corpus.pack),
+    stopping once max_tokens are collected.
 
     Documents are tokenised `batch` at a time (the fast tokenizer's batch path).
     """
@@ -224,7 +225,7 @@ def tokenize_chunks(docs: Iterable[str], tokenizer, n_ctx: int, max_tokens: int 
             total += len(ids) + 1
             bar.update(len(ids) + 1)
     bar.close()
-    chunks = pack(lists, eot, n_ctx)
+    chunks = pack(lists, eot, n_ctx, bos)
     if max_tokens is not None:
         chunks = chunks[: max(1, math.ceil(max_tokens / n_ctx))]
     return chunks
@@ -261,22 +262,24 @@ class TrainData:
 
 
 def load_train_eval(source: str, tokenizer, n_ctx: int, train_tokens: int | None, eval_tokens: int,
-                    seed: int, span_frac: float = 0.0) -> tuple[TrainData, torch.Tensor]:
+                    seed: int, span_frac: float = 0.0, bos: bool = False) -> tuple[TrainData, torch.Tensor]:
     """Training data and held-out chunks for `source` (demo / openwebtext / a local path).
 
     With `span_frac` > 0 that fraction of the training chunks are repeated random-token spans
     (lnfree.spans.repeated_spans), so that fine-tuning keeps exercising the induction heads;
-    the held-out chunks stay text.
+    the held-out chunks stay text.  With `bos` every text chunk, held-out ones too, starts with EOT (the
+    span rows always do).
     """
     streamed = is_streamed(source)
     train = tokenize_chunks(documents(source, "train"), tokenizer, n_ctx,
-                            train_tokens if streamed else None, desc="tokenising train")
+                            train_tokens if streamed else None, desc="tokenising train", bos=bos)
     if span_frac > 0:
         n = round(len(train) * span_frac / (1 - span_frac))
         gen = torch.Generator().manual_seed(seed)
         spans = repeated_spans(n, n_ctx, len(tokenizer), tokenizer.eos_token_id, gen, SPAN_LENGTHS)
         train = torch.cat([train, spans])
-    held = tokenize_chunks(documents(source, "heldout"), tokenizer, n_ctx, eval_tokens, desc="tokenising held-out")
+    held = tokenize_chunks(documents(source, "heldout"), tokenizer, n_ctx, eval_tokens, desc="tokenising held-out",
+                           bos=bos)
     if len(held) == 0:
         raise DataError(f"The held-out split of {source} (its last {LOCAL_HELDOUT_FRACTION:.0%}) is shorter than "
                         f"one context window of {n_ctx} tokens; give more text or a lower --n-ctx.")

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate on (default 262144)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the smallest model context, max 1024)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bos", action="store_true", help="start every chunk with <|endoftext|> (as lnfree.remove --bos 1)")
     p.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     p.add_argument("--threads", type=int)
     return p
@@ -67,7 +68,7 @@ def default_source(infos) -> str:
 
 
 def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | None = None,
-             batch_size: int = 8) -> dict:
+             batch_size: int = 8, bos: bool = False) -> dict:
     loaded = [load_hf(s) for s in specs]
     tok = loaded[0][1]
     for (_, t, info) in loaded[1:]:
@@ -79,7 +80,7 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
     if n_ctx and n_ctx > shortest:
         raise UserError(f"--n-ctx {n_ctx} exceeds the context of the models ({shortest} tokens); lower --n-ctx.")
     ctx = n_ctx or min(shortest, 1024)
-    chunks = tokenize_chunks(documents(source, "heldout"), tok, ctx, tokens, desc=f"tokenising {source}")
+    chunks = tokenize_chunks(documents(source, "heldout"), tok, ctx, tokens, desc=f"tokenising {source}", bos=bos)
     if len(chunks) == 0:
         raise DataError("The evaluation text is shorter than one context window; give more text.")
     rows, first_top1 = [], None
@@ -94,7 +95,7 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
                      "induction_first": induction["first_copy"], "induction_second": induction["second_copy"],
                      "induction_length": length, "ce_by_position": by_position(per_position),
                      "top1_agreement": (top1 == first_top1).float().mean().item()})
-    return {"data": source, "n_ctx": ctx, "models": rows}
+    return {"data": source, "n_ctx": ctx, "bos": bos, "models": rows}
 
 
 def format_table(result: dict) -> str:
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = evaluate(args.models, args.data or args.dataset, args.tokens, args.n_ctx, args.batch_size)
+        result = evaluate(args.models, args.data or args.dataset, args.tokens, args.n_ctx, args.batch_size,
+                          args.bos)
         print(format_table(result))
         if args.json_out:
             out = Path(args.json_out)

@@ -43,6 +43,7 @@ class Recipe:
     embed_lr_scale: float = 1.0  # learning rate of wte/wpe as a multiple of `lr` (1: the paper)
     span_frac: float = 0.0  # share of training chunks that are repeated random-token spans (0: the paper)
     spike_factor: float = 50.0  # divergence check: stop when the grad norm exceeds this x its running level
+    bos: int = 0  # 1: every text chunk starts with EOT, a constant first token (0: the paper's packed chunks)
 
     @property
     def seqs_per_step(self) -> int:

@@ -69,6 +69,7 @@ RECIPE_HELP = {
     "embed_lr_scale": "learning rate of the token and position embeddings as a multiple of --lr",
     "span_frac": "share of training chunks that are repeated random-token spans (keeps induction heads in use)",
     "spike_factor": "stop (or, with --auto-recover, roll back) when the grad norm exceeds this x its running level",
+    "bos": "1: every training and held-out chunk starts with <|endoftext|> (0: packed, as the paper)",
 }
 
 

@@ -87,6 +87,7 @@ def model_card(s: dict) -> str:
     paper = "\n".join(f"| {m} | {o:.4f} | {v:.4f} | {f:.4f} |" for m, (o, v, f) in PAPER_CE.items())
     frac = r.get("span_frac", 0)  # recipes written before span_frac have no such key
     spans = f" ({frac:.0%} of the chunks repeated random-token spans)" if frac else ""
+    spans += ", every chunk starting with <|endoftext|>" if r.get("bos") else ""
     scale = r.get("embed_lr_scale", 1)
     embed = f", embeddings at {scale:g}x the LR" if scale != 1 else ""
     return f"""# {kind} twin of `{s['base']}`

@@ -103,7 +103,8 @@ class Run:
         else:
             with self.acc.main_process_first():
                 self.data, self.held = load_train_eval(cfg.source, self.tokenizer, self.r.n_ctx, train_tokens,
-                                                       cfg.eval_tokens, cfg.seed, self.r.span_frac)
+                                                       cfg.eval_tokens, cfg.seed, self.r.span_frac,
+                                                       bool(self.r.bos))
         opt = torch.optim.AdamW(adamw_groups(model, self.r.lr, self.r.weight_decay, self.r.embed_lr_scale),
                                 lr=self.r.lr)
         self.initial_ce = None

@@ -21,14 +21,18 @@ def load_passages(split: str) -> list[str]:
         return [d["text"] for d in map(json.loads, f) if d["split"] == split]
 
 
-def pack(token_lists: Iterable[list[int]], eot_id: int, n_ctx: int) -> torch.Tensor:
+def pack(token_lists: Iterable[list[int]], eot_id: int, n_ctx: int, bos: bool = False) -> torch.Tensor:
     """Join documents with EOT between them and cut the stream into [N, n_ctx] chunks.
 
-    Every document is preceded by EOT (as GPT-2 was trained); the ragged tail is dropped.
+    Every document is preceded by EOT (as GPT-2 was trained); the ragged tail is dropped.  With `bos`
+    every chunk starts with EOT as well (a constant first token, as when GPT-2 is prompted): the stream is
+    cut into n_ctx - 1 tokens per chunk.
     """
     stream: list[int] = []
     for ids in token_lists:
         stream.append(eot_id)
         stream.extend(ids)
-    n = len(stream) // n_ctx
-    return torch.tensor(stream[: n * n_ctx], dtype=torch.long).view(n, n_ctx)
+    width = n_ctx - 1 if bos else n_ctx
+    n = len(stream) // width
+    chunks = torch.tensor(stream[: n * width], dtype=torch.long).view(n, width)
+    return torch.cat([torch.full((n, 1), eot_id), chunks], dim=1) if bos else chunks

@@ -173,3 +173,25 @@ def test_remove_and_evaluate_read_a_local_hub_format_dataset(tmp_path, tiny_ln_d
     bad = remove("--model", tiny_ln_dir, "--dataset", tmp_path / "empty", "--output-dir", tmp_path / "bad",
                  check=False)
     assert_user_error(bad, "--dataset", "hub's format")
+
+
+def test_bos_chunks_start_with_eot_and_keep_the_stream():
+    from models.corpus import pack
+
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream: 0 5 6 7 0 8 9 0 10 11 12 13 (12 tokens)
+    packed = pack(docs, eot_id=0, n_ctx=4)
+    assert packed.tolist() == [[0, 5, 6, 7], [0, 8, 9, 0], [10, 11, 12, 13]]
+    bos = pack(docs, eot_id=0, n_ctx=4, bos=True)
+    assert bos.tolist() == [[0, 0, 5, 6], [0, 7, 0, 8], [0, 9, 0, 10], [0, 11, 12, 13]]
+    assert bos[:, 1:].flatten().tolist() == [0, 5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13]  # nothing lost or reordered
+
+
+def test_a_bos_run_trains_and_holds_out_chunks_that_start_with_eot(tiny_ln_dir, text_data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ln_dir)
+    train, held = data.load_train_eval(str(text_data), tok, 32, None, 4096, seed=0, span_frac=0.25, bos=True)
+    eot = tok.eos_token_id
+    assert (train.chunks[:, 0] == eot).all() and (held[:, 0] == eot).all()
+    plain_train, plain_held = data.load_train_eval(str(text_data), tok, 32, None, 4096, seed=0)
+    assert not (plain_held[:, 0] == eot).all()  # packed chunks start mid-text
