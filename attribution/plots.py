@@ -1,4 +1,5 @@
-"""plotly figures, one function per figure; each comparison is drawn LN | LN-free on one colour scale.
+"""plotly figures, one function per figure; each comparison is drawn LN | LN-free on one colour scale (the
+heatmaps with a third panel, LN-free minus LN, on the same scale).
 
 Every figure function takes (pair, method): `method` ("atp" or "atp*") chooses which attribution-patching
 estimate the AtP figures show; it is a view choice, so it changes no computed number.
@@ -36,11 +37,16 @@ def position_labels(tokens: list[str]) -> list[str]:
 def _heatmap_pair(pair: PairResults, get: Callable[[ModelResults], np.ndarray], title: str,
                   x_title: str, y_title: str = "layer", x_labels: Callable[[ModelResults], list] | None = None,
                   colour_title: str = "") -> go.Figure:
+    """LN | LN-free | LN-free minus LN (the last when both have the same shape), on one colour scale."""
     models = _models(pair)
     arrays = [np.asarray(get(m), float) for _, m in models]
-    bound = _bound(*arrays)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[name for name, _ in models], horizontal_spacing=0.12)
-    for col, ((_, m), z) in enumerate(zip(models, arrays, strict=True), start=1):
+    panels = [(name, m, z) for (name, m), z in zip(models, arrays, strict=True)]
+    if arrays[0].shape == arrays[1].shape:
+        panels.append(("LN-free minus LN", models[0][1], arrays[1] - arrays[0]))
+    bound = _bound(*(z for _, _, z in panels))
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[name for name, _, _ in panels],
+                        horizontal_spacing=0.08 if len(panels) == 3 else 0.12)
+    for col, (_, m, z) in enumerate(panels, start=1):
         x = x_labels(m) if x_labels else list(range(z.shape[1]))
         fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(z.shape[0])), coloraxis="coloraxis",
                                  hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>%{{z:.4g}}<extra></extra>"),

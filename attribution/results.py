@@ -89,7 +89,10 @@ class PairResults:
     lnfree: ModelResults
 
     def to_json(self) -> dict:
-        return {"ln": self.ln.to_dict(), "lnfree": self.lnfree.to_dict(), "settings": asdict(self.settings)}
+        from attribution.twins import twins_json
+
+        return {"ln": self.ln.to_dict(), "lnfree": self.lnfree.to_dict(), "settings": asdict(self.settings),
+                "twins": twins_json(self)}
 
 
 def jsonable(v):

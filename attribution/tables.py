@@ -68,9 +68,39 @@ def _lens_rows(pair: PairResults) -> list[dict]:
     return rows
 
 
-TABLES = {"dla_heads": _heads_rows, "dla_vs_de": _heads_rows, "patch_heads": _heads_rows, "atp_heads": _heads_rows,
-          "atp_vs_patch": _heads_rows, "dla_layers": _layer_rows, "patch_resid": _resid_rows,
-          "atp_resid": _resid_rows, "logit_lens": _lens_rows}
+DIFFERENCE = "lnfree - ln"  # the `model` of the rows holding LN-free minus LN (the third heatmap panel)
+
+
+def _with_difference(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...]) -> list[dict]:
+    """rows plus, for every component both models have (matched on `keys`), a row of LN-free minus LN."""
+    ln = {tuple(r[k] for k in keys): r for r in rows if r["model"] == "ln"}
+    out = list(rows)
+    for r in rows:
+        other = ln.get(tuple(r[k] for k in keys)) if r["model"] == "lnfree" else None
+        if other is None:
+            continue
+        d = {**other, "model": DIFFERENCE, "spec": ""}
+        for v in values:
+            a, b = other[v], r[v]
+            d[v] = None if a is None or b is None else b - a
+        out.append(d)
+    return out
+
+
+def _heads_diff_rows(pair: PairResults) -> list[dict]:
+    return _with_difference(_heads_rows(pair), ("layer", "head"), ("dla", "de", "patch", "atp", "atpstar"))
+
+
+def _resid_diff_rows(pair: PairResults) -> list[dict]:
+    rows = _resid_rows(pair)
+    if pair.ln.patch_resid.shape != pair.lnfree.patch_resid.shape:  # other prompts: no position-wise difference
+        return rows
+    return _with_difference(rows, ("layer", "position"), ("patch", "atp", "atpstar"))
+
+
+TABLES = {"dla_heads": _heads_diff_rows, "dla_vs_de": _heads_rows, "patch_heads": _heads_diff_rows,
+          "atp_heads": _heads_diff_rows, "atp_vs_patch": _heads_rows, "dla_layers": _layer_rows,
+          "patch_resid": _resid_diff_rows, "atp_resid": _resid_diff_rows, "logit_lens": _lens_rows}
 
 
 def figure_table(name: str, pair: PairResults) -> list[dict]:

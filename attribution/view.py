@@ -28,9 +28,13 @@ PANELS = {
                      "through the model's own final LN: where the answer becomes decodable.",
     "5. Attention pattern": "One head's attention on the first clean prompt: rows are query positions, "
                             "columns key positions.",
-    "6. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
+    "6. Where the twins differ": "How alike the two models' attributions are, component by component "
+                                 "(Spearman and Pearson correlation, and the share of each model's top-k "
+                                 "components shared), and the components whose value moves most from LN to "
+                                 "LN-free. The heatmaps above show the same difference as their third panel.",
+    "7. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
                   "and the JSON of the whole analysis.",
-    "7. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
+    "8. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
                                  "residual norms and attention sinks, calibration, and the DLA error per head "
                                  "(arXiv 2507.02559, section 5). Run on request.",
 }

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from attribution import Settings, compare, view
+from attribution import Settings, compare, twins, view
 from models import load_bridge
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching",
-           "4. Logit lens", "5. Attention pattern", "6. Summary", "7. Dataset-level findings"]
+           "4. Logit lens", "5. Attention pattern", "6. Where the twins differ", "7. Summary",
+           "8. Dataset-level findings"]
 needs_demo_pair = pytest.mark.skipif(
     not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
 
@@ -92,6 +93,17 @@ def test_default_view_shows_demo_pair_numbers():
         [pair.ln.agreement["atpstar"]["spearman"], pair.lnfree.agreement["atpstar"]["spearman"]], abs=1e-9)
     top = at.dataframe[0].value
     assert top["next token"].tolist() == [t for t, _ in pair.ln.top_tokens]
+    # Where the twins differ: the agreement table and the largest changes are attribution.twins' own
+    # (tested against their definitions in tests/test_twins.py); choosing a quantity computes nothing new.
+    agree = twins.twin_agreement(pair)
+    shown = next(d.value for d in at.main.dataframe if "components" in d.value.columns)
+    assert shown["Spearman"].tolist() == pytest.approx([a["spearman"] for a in agree.values()], nan_ok=True)
+    assert shown["components"].tolist() == [a["n"] for a in agree.values()]
+    at.selectbox(key="twins-quantity").set_value("atpstar_heads").run()
+    movers = next(d.value for d in at.main.dataframe if "lnfree_minus_ln" in d.value.columns)
+    want = twins.top_movers(pair, "atpstar_heads")
+    assert movers["component"].tolist() == [m["component"] for m in want]
+    assert movers["lnfree_minus_ln"].tolist() == pytest.approx([m["lnfree_minus_ln"] for m in want])
     captions = [c.value for c in at.main.caption]
     assert all(text in captions for text in view.PANELS.values())  # each panel says how to read it
 
