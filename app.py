@@ -22,7 +22,16 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from attribution import AttributionInputError, PairResults, Settings, attention_pattern, plots, view
+from attribution import (
+    AttributionInputError,
+    PairResults,
+    Settings,
+    attention_pattern,
+    plots,
+    provenance,
+    twins,
+    view,
+)
 from attribution import export as exporting
 from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
@@ -243,15 +252,35 @@ def sidebar() -> tuple[str, str, str, str, Settings, str, str]:
     return ln_spec, lnfree_spec, dtype, device, settings, method, left
 
 
-def download_row(fig, name: str, table: list[dict] | None, key: str) -> None:
-    """HTML / PNG / SVG of a figure and the CSV of its numbers; images are made on click."""
+def export_manifest(pair: PairResults, ctx: tuple, figure_name: str, fmt: str) -> dict:
+    """The manifest of one download (attribution.provenance), made when it is clicked."""
+    ln_spec, lnfree_spec, dtype, device, method = ctx
+    return provenance.manifest(pair, get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device),
+                               method=method, dtype=dtype, device=device, figure=figure_name, fmt=fmt,
+                               out=f"{figure_name}.{fmt}")
+
+
+def figure_download(fig, fmt: str, pair: PairResults | None, ctx: tuple | None, name: str) -> bytes:
+    if pair is None or ctx is None:  # attention and findings figures: not an attribution.export figure
+        return exporting.figure_bytes(fig, fmt)
+    return exporting.figure_file(fig, fmt, export_manifest(pair, ctx, name, fmt))
+
+
+def bundle_download(pair: PairResults, ctx: tuple) -> bytes:
+    return exporting.bundle(pair, ctx[-1], export_manifest(pair, ctx, "all", "zip"))
+
+
+def download_row(fig, name: str, table: list[dict] | None, key: str, pair: PairResults | None = None) -> None:
+    """HTML / PNG / SVG of a figure (with the manifest of how it was made, for the analysis's figures) and
+    the CSV of its numbers; the files are made on click."""
+    ctx = st.session_state.get("export_ctx") if pair is not None else None
     cols = st.columns(4)
-    cols[0].download_button("HTML", partial(exporting.figure_bytes, fig, "html"), f"{name}.html",
+    cols[0].download_button("HTML", partial(figure_download, fig, "html", pair, ctx, name), f"{name}.html",
                             "text/html", key=f"{key}-html", on_click="ignore")
     problem = exporting.image_export_problem()
     for col, fmt, mime in ((cols[1], "png", "image/png"), (cols[2], "svg", "image/svg+xml")):
-        col.download_button(fmt.upper(), partial(exporting.figure_bytes, fig, fmt), f"{name}.{fmt}", mime,
-                            key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
+        col.download_button(fmt.upper(), partial(figure_download, fig, fmt, pair, ctx, name), f"{name}.{fmt}",
+                            mime, key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
                             help=problem)
     if table:
         cols[3].download_button("CSV", partial(table_csv, table), f"{name}.csv", "text/csv",
@@ -263,7 +292,7 @@ def figure(pair: PairResults, method: str, name: str, caption: str = "") -> None
     st.plotly_chart(fig, key=f"fig-{name}")
     if caption:
         st.caption(caption)
-    download_row(fig, name, figure_table(name, pair), key=name)
+    download_row(fig, name, figure_table(name, pair), key=name, pair=pair)
 
 
 SIGMA_SOURCE = {
@@ -370,6 +399,7 @@ def section(title: str) -> None:
 
 def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Every panel, each as complete as the analysis's stage allows (later stages' panels say so)."""
+    st.session_state["export_ctx"] = (ln_spec, lnfree_spec, dtype, device, method)  # for the manifests
     section("1. Predictions")
     predictions(pair)
     section("2. Direct logit attribution")
@@ -389,18 +419,37 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
     problem = exporting.image_export_problem()
     if problem:
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
-    section("6. Summary")
+    section("6. Where the twins differ")
+    twins_panel(pair)
+    section("7. Summary")
     summary = summary_rows(pair)
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
     cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
-    cols[1].download_button("Download all (zip)", partial(exporting.bundle, pair, method),
+    cols[1].download_button("Download all (zip)", partial(bundle_download, pair, st.session_state["export_ctx"]),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
-    section("7. Dataset-level findings")
+    section("8. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)
     with attention:
         attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),
                         pair)
+
+
+def twins_panel(pair: PairResults) -> None:
+    agree = twins.twin_agreement(pair)
+    k = pair.settings.top_k
+    rows = [{"quantity": twins.QUANTITIES[name][0], "components": a["n"], "Spearman": a["spearman"],
+             "Pearson": a["pearson"], f"top-{k} overlap": a["topk_overlap"]} for name, a in agree.items()]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="twins-agreement")
+    names = list(agree)
+    name = st.selectbox("Largest changes in", names, format_func=lambda n: twins.QUANTITIES[n][0],
+                        key="twins-quantity")
+    movers = twins.top_movers(pair, name, n=10)
+    st.dataframe(pd.DataFrame(movers), hide_index=True, key="twins-movers")
+    cols = st.columns(2)
+    cols[0].download_button("Agreement CSV", table_csv(rows), "twins_agreement.csv", "text/csv", on_click="ignore")
+    cols[1].download_button("Largest changes CSV", table_csv(movers), f"twins_{name}.csv", "text/csv",
+                            on_click="ignore")
 
 
 def patching_panel(pair: PairResults, method: str) -> None:

@@ -3,10 +3,12 @@
     python -m attribution.export --ln SPEC --lnfree SPEC --task induction|ioi|custom
         [--prompt TEXT --answer TOK --counterfactual TOK --corrupt TEXT]
         [--figure NAME|all] --format html|png|svg|csv|json --out PATH
+    python -m attribution.export --from-manifest EXPORTED_FILE --out PATH [--figure NAME|all] [--format FMT]
 
 With --figure all (the default) and a per-figure format, --out is a directory
 that receives one file per figure; with one figure it is the file itself.
-A user's mistake ends in one line on stderr and exit code 2.
+Every file carries a manifest of how it was made (attribution.provenance), from which
+--from-manifest makes it again.  A user's mistake ends in one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -75,50 +77,75 @@ def write_text(text: str, path) -> Path:
     return path
 
 
-def results_json(pair: PairResults) -> str:
-    """Every number of `pair` and its settings as strict JSON (no NaN: missing values are null)."""
-    return json.dumps(pair.to_json(), indent=1, allow_nan=False)
+def results_json(pair: PairResults, manifest: dict | None = None) -> str:
+    """Every number of `pair` and its settings as strict JSON (no NaN: missing values are null), with the
+    export's manifest (attribution.provenance) when given."""
+    data = pair.to_json()
+    if manifest is not None:
+        data["manifest"] = manifest
+    return json.dumps(data, indent=1, allow_nan=False)
 
 
-def bundle(pair: PairResults, method: str = "atp*") -> bytes:
+def figure_file(fig, fmt: str, manifest: dict | None = None) -> bytes:
+    """figure_bytes with the manifest embedded (see attribution.provenance)."""
+    from attribution import provenance
+
+    data = figure_bytes(fig, fmt)
+    return data if manifest is None else provenance.embed(data, fmt, manifest)
+
+
+def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None) -> bytes:
     """A zip of every figure (HTML, and PNG/SVG when a browser for kaleido is present) with its CSV,
-    the summary table, and the JSON of all numbers and settings."""
+    the summary table, the JSON of all numbers and settings, and the manifest (manifest.json, and inside
+    each figure and the JSON)."""
     from attribution.plots import FIGURES
 
     images = image_export_problem() is None
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("results.json", results_json(pair))
+        if manifest is not None:
+            zf.writestr("manifest.json", json.dumps(manifest, indent=1))
+        zf.writestr("results.json", results_json(pair, manifest))
         zf.writestr("summary.csv", table_csv(summary_rows(pair)))
         for name, make in FIGURES.items():
             fig = make(pair, method)
-            zf.writestr(f"{name}.html", figure_bytes(fig, "html"))
+            zf.writestr(f"{name}.html", figure_file(fig, "html", manifest))
             zf.writestr(f"{name}.csv", table_csv(figure_table(name, pair)))
             if images:
                 for fmt in ("png", "svg"):
-                    zf.writestr(f"{name}.{fmt}", figure_bytes(fig, fmt))
+                    zf.writestr(f"{name}.{fmt}", figure_file(fig, fmt, manifest))
     return buf.getvalue()
 
 
-def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*") -> list[Path]:
+def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
+           manifest: dict | None = None) -> list[Path]:
     """Write `figure` (a FIGURES name or "all") of `pair` in `fmt` under `out`, attribution patching shown
-    as `method` ("atp" or "atp*"); returns the files written."""
+    as `method` ("atp" or "atp*"), each file carrying `manifest` when given (JSON, HTML, SVG and PNG inside
+    the file; CSV beside it, FILE.manifest.json; a folder of figures also gets manifest.json); returns the
+    files written."""
     from attribution.plots import FIGURES
 
     if fmt not in FORMATS:
         raise AttributionInputError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if fmt == "json":
-        return [write_text(results_json(pair), out)]
+        return [write_text(results_json(pair, manifest), out)]
     if figure != "all" and figure not in FIGURES:
         raise AttributionInputError(f"Unknown figure {figure!r}; use all or one of {', '.join(FIGURES)}.")
     names = list(FIGURES) if figure == "all" else [figure]
     out = Path(out)
     paths = [out / f"{n}.{fmt}" for n in names] if figure == "all" else [out]
+    side = json.dumps(manifest, indent=1) if manifest is not None else None
     for n, p in zip(names, paths, strict=True):
         if fmt == "csv":
             write_text(table_csv(figure_table(n, pair)), p)
+            if side:
+                write_text(side, p.with_name(p.name + ".manifest.json"))
         else:
-            write_figure(FIGURES[n](pair, method), p, fmt)
+            data = figure_file(FIGURES[n](pair, method), fmt, manifest)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    if side and figure == "all":
+        write_text(side, out / "manifest.json")
     return paths
 
 
@@ -145,8 +172,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     from attribution.plots import FIGURES
 
     p = argparse.ArgumentParser(prog="python -m attribution.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ln", required=True, help="LN model spec (hub name, local directory, demo)")
-    p.add_argument("--lnfree", required=True, help="LN-free model spec")
+    p.add_argument("--ln", help="LN model spec (hub name, local directory, demo)")
+    p.add_argument("--lnfree", help="LN-free model spec")
+    p.add_argument("--from-manifest", metavar="FILE",
+                   help="make an earlier export again: its models, settings, dtype and device from the manifest "
+                        "in FILE (any exported file, or its .manifest.json); give --out, and --figure / --format "
+                        "to change those")
     p.add_argument("--task", choices=["induction", "ioi", "custom"], default="induction")
     p.add_argument("--prompt", default="")
     p.add_argument("--answer", default="")
@@ -163,16 +194,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation patching checks the components with the largest |AtP*| (default 20)")
     p.add_argument("--full-sweeps", action="store_true",
                    help="patch every component instead (every head, layer x position and MLP; slow at GPT-2 scale)")
-    p.add_argument("--figure", default="all", choices=["all", *FIGURES])
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--figure", choices=["all", *FIGURES], help="default: all")
+    p.add_argument("--format", choices=FORMATS)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
 
+def from_manifest(args) -> tuple[argparse.Namespace, Settings, dict]:
+    """The arguments and settings of the export a manifest records (--out, --figure and --format given on the
+    command line win)."""
+    from attribution import provenance
+
+    m = provenance.read(args.from_manifest)
+    try:
+        settings = Settings(**m["settings"])
+    except TypeError:
+        raise AttributionInputError(f"The manifest in {args.from_manifest} has settings this version does not "
+                                    f"know; use the workbench version it names.") from None
+    args.ln, args.lnfree = m["models"]["ln"]["spec"], m["models"]["lnfree"]["spec"]
+    args.dtype, args.device, args.method = m["dtype"], m["device"], m.get("method", "atp*")
+    args.figure = args.figure or m.get("figure", "all")
+    args.format = args.format or m.get("format")
+    return args, settings, m
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from attribution import provenance
     from attribution.report import compare
     from models import ModelSpecError, load_bridge
 
@@ -183,8 +233,15 @@ def main(argv=None) -> int:
                         full_sweeps=args.full_sweeps)
     from attribution.tasks import check_settings
 
-    bar = None
+    bar, recorded = None, None
     try:
+        if args.from_manifest:
+            args, settings, recorded = from_manifest(args)
+        args.figure = args.figure or "all"
+        missing = [f for f, v in (("--ln", args.ln), ("--lnfree", args.lnfree), ("--format", args.format)) if not v]
+        if missing:
+            raise AttributionInputError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed "
+                                        f"(or --from-manifest FILE).")
         check_settings(settings)
         check_out(args.out, args.format == "json" or args.figure != "all")
         problem = image_export_problem() if args.format in ("png", "svg") else None
@@ -208,7 +265,11 @@ def main(argv=None) -> int:
         pair = compare(ln, lnfree, settings, progress)
         if bar is not None:
             bar.close()
-        paths = export(pair, args.figure, args.format, args.out, args.method)
+        for line in provenance.check_weights(recorded, ln, lnfree) if recorded else []:
+            print(line, file=sys.stderr)
+        made = provenance.manifest(pair, ln, lnfree, method=args.method, dtype=args.dtype, device=args.device,
+                                   figure=args.figure, fmt=args.format, out=args.out)
+        paths = export(pair, args.figure, args.format, args.out, args.method, made)
     except (AttributionInputError, ModelSpecError, ExportUnavailable) as err:
         if bar is not None:
             bar.close()

@@ -1,0 +1,101 @@
+"""Every export carries its manifest (attribution.provenance), and --from-manifest makes the same numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from attribution import provenance
+from attribution.export import bundle, export, image_export_problem
+from tests.test_attribution_export import pair  # noqa: F401 (the module fixture: a real tiny pair)
+from tests.test_lnfree_cli import ENV
+from tests.test_models import ROOT
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "attribution.export", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_manifest_records_the_export_and_reproduces_its_numbers(tiny_ln_dir, tiny_lnfree_dir, tmp_path):
+    first = tmp_path / "first.json"
+    proc = export_cli("--ln", tiny_ln_dir, "--lnfree", tiny_lnfree_dir, "--task", "induction", "--n-prompts", 2,
+                      "--seq-len", 5, "--seed", 3, "--format", "json", "--out", first)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(first.read_text())
+    m = data["manifest"]
+    assert m["models"]["ln"]["spec"] == str(tiny_ln_dir) and m["models"]["lnfree"]["ln_free"] is True
+    for side, d in (("ln", tiny_ln_dir), ("lnfree", tiny_lnfree_dir)):
+        assert m["models"][side]["weights_sha256"] == {"model.safetensors": sha256(d / "model.safetensors")}
+    assert m["settings"] == data["settings"] and m["settings"]["seed"] == 3 and m["dtype"] == "float32"
+    assert m["prompt_tokens"] == data["ln"]["str_tokens"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert m["workbench"]["commit"] == head.strip() and m["workbench"]["version"]
+    assert "--seed 3" in m["command"] and "--seq-len 5" in m["command"]
+    # The manifest alone makes the same export again: every number equal, bit for bit.
+    again = tmp_path / "again.json"
+    proc = export_cli("--from-manifest", first, "--out", again)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    redo = json.loads(again.read_text())
+    for key in ("ln", "lnfree"):  # all but the wall times of the stages
+        assert {k: v for k, v in redo[key].items() if k != "cost"} == \
+            {k: v for k, v in data[key].items() if k != "cost"}, key
+        assert redo[key]["cost"].keys() == data[key]["cost"].keys()
+    for key in ("twins", "settings"):
+        assert redo[key] == data[key], key
+    assert {k: v for k, v in redo["manifest"].items() if k not in ("out", "command")} == \
+        {k: v for k, v in m.items() if k not in ("out", "command")}
+    # Weights that changed since are said, in one warning line.
+    moved = tmp_path / "lnfree"
+    shutil.copytree(tiny_lnfree_dir, moved)
+    m["models"]["lnfree"]["spec"] = str(moved)
+    m["models"]["lnfree"]["weights_sha256"] = {"model.safetensors": "0" * 64}
+    (tmp_path / "edited.manifest.json").write_text(json.dumps(m))
+    proc = export_cli("--from-manifest", tmp_path / "edited.manifest.json", "--out", tmp_path / "third.json")
+    assert proc.returncode == 0 and "are not the ones the manifest records" in proc.stderr
+
+
+def test_every_format_carries_the_manifest(pair, tmp_path, monkeypatch):  # noqa: F811
+    p, ln, lnfree = pair
+    m = provenance.manifest(p, ln, lnfree, method="atp*", dtype="float32", device="cpu", figure="atp_heads",
+                            fmt="html", out="x")
+    formats = ["html", "csv", "json"] + (["svg", "png"] if image_export_problem() is None else [])
+    for fmt in formats:
+        (path,) = export(p, "atp_heads", fmt, tmp_path / f"f.{fmt}", manifest=m)
+        assert provenance.read(path) == m, fmt
+        if fmt == "csv":
+            assert provenance.read(path.with_name(path.name + ".manifest.json")) == m
+            assert "manifest" not in path.read_text()  # the CSV itself stays plain rows
+    folder = export(p, "all", "csv", tmp_path / "all", manifest=m)
+    assert provenance.read(tmp_path / "all" / "manifest.json") == m and provenance.read(folder[0]) == m
+    import attribution.export
+
+    monkeypatch.setattr(attribution.export, "image_export_problem", lambda: "no images")  # (PNG / SVG: above)
+    with zipfile.ZipFile(io.BytesIO(bundle(p, "atp*", m))) as zf:
+        assert json.loads(zf.read("manifest.json")) == m
+        assert json.loads(zf.read("results.json"))["manifest"] == m
+        (tmp_path / "zipped.html").write_bytes(zf.read("atp_heads.html"))
+    assert provenance.read(tmp_path / "zipped.html") == m
+
+
+def test_a_file_without_a_manifest_is_one_sentence(tmp_path):
+    plain = tmp_path / "plain.json"
+    plain.write_text('{"a": 1}')
+    proc = export_cli("--from-manifest", plain, "--out", tmp_path / "x.json")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "holds no lnfree export manifest" in lines[0]
+    proc = export_cli("--format", "json", "--out", tmp_path / "x.json")
+    assert proc.returncode == 2 and "--ln and --lnfree are needed" in proc.stderr
+    with pytest.raises(Exception, match="holds no lnfree export manifest"):
+        provenance.read(tmp_path / "plain.json")
