@@ -61,10 +61,11 @@ def figure_bytes(fig, fmt: str) -> bytes:
         raise
 
 
-def write_figure(fig, path, fmt: str) -> Path:
-    """Write one plotly figure as self-contained HTML, PNG or SVG (see figure_bytes)."""
+def write_figure(fig, path, fmt: str, manifest: dict | None = None) -> Path:
+    """Write one plotly figure as self-contained HTML, PNG or SVG (see figure_bytes), with `manifest`
+    embedded when given (see figure_file)."""
     path = Path(path)
-    data = figure_bytes(fig, fmt)
+    data = figure_file(fig, fmt, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
@@ -141,9 +142,7 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
             if side:
                 write_text(side, p.with_name(p.name + ".manifest.json"))
         else:
-            data = figure_file(FIGURES[n](pair, method), fmt, manifest)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data)
+            write_figure(FIGURES[n](pair, method), p, fmt, manifest)
     if side and figure == "all":
         write_text(side, out / "manifest.json")
     return paths
