@@ -126,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
                     help="span lengths of those rows")
     ap.add_argument("--repeats-only", action=argparse.BooleanOptionalAction, default=True,
                     help="on span rows, train only on the targets induction can predict (the first copy is noise)")
+    ap.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                    help="every text chunk (training and held-out) starts with <|endoftext|>, so position 0 is a "
+                         "constant token as when GPT-2 is prompted (span rows always do)")
     ap.add_argument("--heldout-chunks", type=int, default=None, metavar="N",
                     help="evaluate on the first N held-out chunks only (default: all; training.json records the count)")
     return ap
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     train_texts, held_texts = load_passages("train"), load_passages("heldout")
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
     eot = tokenizer.convert_tokens_to_ids(EOT)
-    train = pack(tokenizer(train_texts)["input_ids"], eot, args.n_ctx)
-    held = pack(tokenizer(held_texts)["input_ids"], eot, args.n_ctx)[: args.heldout_chunks]
+    train = pack(tokenizer(train_texts)["input_ids"], eot, args.n_ctx, bos=args.bos)
+    held = pack(tokenizer(held_texts)["input_ids"], eot, args.n_ctx, bos=args.bos)[: args.heldout_chunks]
     print(f"tokenizer: {len(tokenizer)} tokens; train {train.numel():,} tokens, held-out {held.numel():,}")
 
     if args.init_from:
