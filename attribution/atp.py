@@ -40,11 +40,13 @@ CHUNK_ELEMENTS = 2**24  # bound on the [B, H, P, T, T] pattern tensor of the QK 
 @dataclass
 class GradRun:
     """The corrupted forward pass with gradients: the batch-mean metric (float64, with its graph), the named
-    activations (differentiable), and GradDrop's keep flag per layer (its hooks read them in the backward)."""
+    activations (differentiable), GradDrop's keep flag per layer (its hooks read them in the backward), and
+    each prompt's metric [B] (detached)."""
 
     metric: torch.Tensor
     acts: dict[str, torch.Tensor]
     keep: list[float]
+    per_prompt: torch.Tensor | None = None
 
 
 def grad_names(n_layers: int, star: bool) -> list[str]:
@@ -74,8 +76,8 @@ def corrupted_run(bridge, task: Task, star: bool = True, names: list[str] | None
     fwd = [(hooks.EMBED, leaf), (hooks.POS_EMBED, leaf)] + [(n, recorder(acts, n, detach=False)) for n in names]
     if star:
         fwd += [(hooks.ln_in(i, ln), drop(i)) for i in range(L) for ln in ("ln1", "ln2")]
-    metric = metric_runs(bridge, task, task.corrupt, fwd, grad=True).mean()
-    return GradRun(metric, acts, keep)
+    metric = metric_runs(bridge, task, task.corrupt, fwd, grad=True)
+    return GradRun(metric.mean(), acts, keep, metric.detach())
 
 
 def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
@@ -128,21 +130,26 @@ def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[
 
 
 def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Tensor:
-    """Sum over (b, h, t, s) of dA(p) * dmetric/dpattern for every position p, for each of several
-    pattern gradients g_pattern [sets, B, H, T, T] -> [sets, T]; dA is computed once, chunked over p."""
+    """Sum over (h, t, s) of dA(p) * dmetric/dpattern for every prompt b and position p, for each of several
+    pattern gradients g_pattern [sets, B, H, T, T] -> [sets, B, T]; dA is computed once, chunked over p."""
     step = max(1, CHUNK_ELEMENTS // max(1, B * H * T * T))
     out = []
     for start in range(0, T, step):
         dA = dA_fn(range(start, min(T, start + step)))
-        out.append(torch.einsum("bhpts,kbhts->kp", dA, g_pattern))
-    return torch.cat(out, dim=1)
+        out.append(torch.einsum("bhpts,kbhts->kbp", dA, g_pattern))
+    return torch.cat(out, dim=2)
 
 
 def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline | None = None,
-                         run: GradRun | None = None) -> dict[str, torch.Tensor]:
+                         run: GradRun | None = None, per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
     """Normalised AtP (and AtP*) estimates (float64): heads [L,H], heads_pos [L,H,T], resid [L,T], mlp [L],
     mlp_pos [L,T]; with star, the same keys prefixed 'star_'.  `base` (the clean activations and both
-    metrics) and `run` (the corrupted pass with gradients) are made here unless an analysis passes its own."""
+    metrics) and `run` (the corrupted pass with gradients) are made here unless an analysis passes its own.
+
+    Given a dict, `per_prompt` is filled with each prompt's own estimates, unnormalised (the change of that
+    prompt's metric), batch first: the same keys for AtP ([B, L, H] ...), "qk_resid" (resid with the QK fix,
+    whose sign AtP* keeps) and "sets_<key>" [L, B, ...] (GradDrop's estimate with layer l's gradient
+    dropped).  The batch's estimates are their means, so any resample of prompts can be re-estimated."""
     cfg = bridge.cfg
     L, H = cfg.n_layers, cfg.n_heads
     B, T = task.corrupt.shape
@@ -152,18 +159,19 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
     if base is None:
         clean_metric, clean = capture(bridge, task.clean, names, task)
         base = Baseline(clean, [run.acts[hooks.resid_pre(i)].detach() for i in range(L)],
-                        clean_metric.mean().item(), run.metric.item())
+                        clean_metric.mean().item(), run.metric.item(), run.per_prompt)
     metric, acts, keep, clean, norm = run.metric, run.acts, run.keep, base.clean, base.norm
-    # Estimates are accumulated in float64 from the model's activations and gradients.
+    # Estimates are accumulated in float64 from the model's activations and gradients, per prompt: the
+    # gradient of the batch-mean metric is each prompt's own over B, so the batch sums them.
     delta = {n: clean[n].double() - acts[n].detach().double() for n in main}
 
     def dot(grads, name, dims):
         return (grads[name].double() * delta[name]).sum(dims)
 
-    def estimates(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z = torch.stack([dot(grads, hooks.z(i), (0, 3)).T for i in range(L)])  # [L, H, T]
-        r = torch.stack([dot(grads, hooks.resid_pre(i), (0, 2)) for i in range(L)])
-        m = torch.stack([dot(grads, hooks.mlp_out(i), (0, 2)) for i in range(L)])
+    def estimates(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # [B, L, ...]
+        z = torch.stack([dot(grads, hooks.z(i), 3).transpose(1, 2) for i in range(L)], dim=1)  # [B, L, H, T]
+        r = torch.stack([dot(grads, hooks.resid_pre(i), 2) for i in range(L)], dim=1)
+        m = torch.stack([dot(grads, hooks.mlp_out(i), 2) for i in range(L)], dim=1)
         return {"heads_pos": z, "resid": r, "mlp_pos": m}
 
     def grads_with(drop: int | None) -> dict[str, torch.Tensor]:
@@ -176,8 +184,18 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
     def full(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(e, heads=e["heads_pos"].sum(-1), mlp=e["mlp_pos"].sum(-1))
 
+    def batch(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.sum(0) for k, v in e.items()}
+
+    def keep_per_prompt(key: str, v: torch.Tensor) -> None:
+        if per_prompt is not None:
+            per_prompt[key] = (v * B).detach().cpu().numpy()
+
     if not star:
-        return {k: (v / norm).detach() for k, v in full(estimates(grads_with(None))).items()}
+        plain = full(estimates(grads_with(None)))
+        for k, v in plain.items():
+            keep_per_prompt(k, v)
+        return {k: (v / norm).detach() for k, v in batch(plain).items()}
 
     # The q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid.
     tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)])
@@ -189,21 +207,29 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
         g = grads_with(drop)
         sets.append(full(estimates(g)))
         lin_qk.append(torch.stack([(g[hooks.q(i)].double() * tangents[i][0]
-                                    + g[hooks.k(i)].double() * tangents[i][1]).sum((0, 2, 3)) for i in range(L)]))
+                                    + g[hooks.k(i)].double() * tangents[i][1]).sum((2, 3)) for i in range(L)],
+                                  dim=1))  # [B, L, T]
         g_pattern.append([g[hooks.pattern(i)] for i in range(L)])
         del g
     keep[:] = [1.0] * L
     # The exact pattern change of each resid_pre patch, once per layer for every gradient set.
-    exact = torch.zeros(len(sets), L, T, dtype=torch.float64)
+    exact = torch.zeros(len(sets), B, L, T, dtype=torch.float64)
     for i in range(L):
         pairs = tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
                                            clean[hooks.q(i)], clean[hooks.k(i)]))
         grads = torch.stack([gp[i] for gp in g_pattern]).double()              # [sets, B, H, T, T]
-        exact[:, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
-    out = dict(sets[0])  # plain AtP
+        exact[:, :, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
+    plain = dict(sets[0])  # AtP, before the QK fix
     for j, e in enumerate(sets):
         e["resid"] = e["resid"] - lin_qk[j] + exact[j]
-    out["qk_resid"] = sets[0]["resid"]
-    for k, v in sets[0].items():
-        out["star_" + k] = torch.sign(v) * sum(e[k].abs() for e in sets[1:]) / L
+    for k, v in plain.items():
+        keep_per_prompt(k, v)
+    keep_per_prompt("qk_resid", sets[0]["resid"])
+    for k in sets[0]:
+        keep_per_prompt("sets_" + k, torch.stack([e[k] for e in sets[1:]]))  # [L, B, ...]
+    totals = [batch(e) for e in sets]
+    out = batch(plain)
+    out["qk_resid"] = totals[0]["resid"]
+    for k, v in totals[0].items():
+        out["star_" + k] = torch.sign(v) * sum(e[k].abs() for e in totals[1:]) / L
     return {k: (v / norm).detach() for k, v in out.items()}

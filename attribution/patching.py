@@ -90,12 +90,14 @@ def normaliser(clean: float, corrupt: float) -> float:
 @dataclass
 class Baseline:
     """What patching starts from, out of the two unpatched passes: the clean activations to patch in, the
-    corrupted residual entering every layer (where a patched run starts), both batch-mean metrics (float64)."""
+    corrupted residual entering every layer (where a patched run starts), both batch-mean metrics (float64),
+    and (when known) the corrupted metric of each prompt [B], from which per-prompt effects are measured."""
 
     clean: dict[str, torch.Tensor]
     corrupt_resid: list[torch.Tensor]
     clean_metric: float
     corrupt_metric: float
+    corrupt_per_prompt: torch.Tensor | None = None
 
     @property
     def norm(self) -> float:
@@ -107,7 +109,8 @@ def baseline(bridge, task: Task, names: list[str]) -> Baseline:
     resid = [hooks.resid_pre(i) for i in range(bridge.cfg.n_layers)]
     clean_metric, clean = capture(bridge, task.clean, sorted(set(names)), task)
     corrupt_metric, corrupt = capture(bridge, task.corrupt, resid, task)
-    return Baseline(clean, [corrupt[n] for n in resid], clean_metric.mean().item(), corrupt_metric.mean().item())
+    return Baseline(clean, [corrupt[n] for n in resid], clean_metric.mean().item(), corrupt_metric.mean().item(),
+                    corrupt_metric)
 
 
 def copies_per_pass(bridge, task: Task) -> int:
@@ -133,8 +136,9 @@ def _patcher(name: str, todo: list[tuple[int, tuple]], clean: torch.Tensor, B: i
 
 @torch.no_grad()
 def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progress: Callable[[float], None] | None = None,
-                should_stop: Callable[[], bool] | None = None, lock=None) -> torch.Tensor:
-    """Batch-mean metric (float64) [len(patches)] of the corrupted run with each single patch applied.
+                should_stop: Callable[[], bool] | None = None, lock=None, per_prompt: bool = False) -> torch.Tensor:
+    """Batch-mean metric (float64) [len(patches)] of the corrupted run with each single patch applied (with
+    `per_prompt`, each prompt's metric [len(patches), B]).
 
     Patches run layer by layer, several per forward pass (copies of the batch), and each pass starts from
     the corrupted residual entering its layer: the unpatched prefix is never re-run, and the pass stops
@@ -147,7 +151,7 @@ def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progre
     per_pass = copies_per_pass(bridge, task)
     # Each pass holds patches of one layer only, so that it runs just the layers from there on.
     chunks = [ids[j:j + per_pass] for _, ids in sorted(by_layer.items()) for j in range(0, len(ids), per_pass)]
-    out = torch.empty(len(patches), dtype=torch.float64)
+    out = torch.empty((len(patches), B) if per_prompt else len(patches), dtype=torch.float64)
     done = 0
     for idx in chunks:
         if should_stop is not None and should_stop():
@@ -165,7 +169,7 @@ def run_patches(bridge, task: Task, base: Baseline, patches: list[Patch], progre
                     x = x[0] if isinstance(x, tuple) else x
             per_copy = x[:, task.position].view(len(idx), B, -1).transpose(0, 1)       # [B, copies, d]
             metric = from_resid(bridge, per_copy, task.answer, task.counterfactual, torch.float64)
-        out[idx] = metric.mean(0).cpu()
+        out[idx] = (metric.T if per_prompt else metric.mean(0)).cpu()
         done += len(idx)
         if progress:
             progress(done / len(patches))
@@ -195,32 +199,48 @@ SWEEP_HOOKS = {"resid": hooks.resid_pre, "heads": hooks.z, "heads_pos": hooks.z,
 def activation_patching(bridge, task: Task, kinds=("resid", "heads", "mlp"),
                         progress: Callable[[float, str], None] | None = None, base: Baseline | None = None,
                         select: dict[str, list[int]] | None = None,
-                        should_stop: Callable[[], bool] | None = None, lock=None) -> dict[str, torch.Tensor]:
+                        should_stop: Callable[[], bool] | None = None, lock=None,
+                        per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
     """Normalised patching results (float64) for each sweep kind: resid [L,T], heads [L,H], heads_pos [L,H,T],
     mlp [L], mlp_pos [L,T].  With `select` ({kind: flat indices}) only those entries are patched and the
-    others are NaN (AtP-guided verification); without it, every entry (the full sweep)."""
+    others are NaN (AtP-guided verification); without it, every entry (the full sweep).
+
+    Given a dict, `per_prompt` is filled with each prompt's unnormalised effect (its patched minus its
+    corrupted metric), batch first ([B, L, H] ...; NaN where nothing was patched): the batch's results are
+    their mean over the normaliser."""
     L, T = bridge.cfg.n_layers, task.clean.shape[1]
     if base is None:
         base = baseline(bridge, task, [SWEEP_HOOKS[k](i) for k in kinds for i in range(L)])
-    norm, start = base.norm, first_difference(task)
-    out, todo = {}, []
+    norm, start, B = base.norm, first_difference(task), task.corrupt.shape[0]
+    if per_prompt is not None and base.corrupt_per_prompt is None:
+        raise ValueError("per-prompt effects need the baseline's per-prompt corrupted metric")
+    effect, todo = {}, []  # each prompt's patched minus corrupted metric [n patches, B]
     for kind in kinds:
         patches, shape = sweep_patches(bridge.cfg, T, kind)
         chosen = range(len(patches)) if select is None else select[kind]
-        out[kind] = torch.full((len(patches),), 0.0 if select is None else math.nan, dtype=torch.float64)
+        effect[kind] = torch.full((len(patches), B), 0.0 if select is None else math.nan, dtype=torch.float64)
         for i in chosen:
             index = patches[i][1]
             # A patch at a position before the first difference copies the corrupted value: effect exactly 0.
             if isinstance(index[0], int) and index[0] < start:
-                out[kind][i] = 0.0
+                effect[kind][i] = 0.0
             else:
                 todo.append((kind, i, patches[i]))
     if todo:
         report = (lambda f: progress(f, "activation patching")) if progress else None
-        metric = run_patches(bridge, task, base, [p for _, _, p in todo], report, should_stop, lock)
-        for (kind, i, _), m in zip(todo, metric.tolist(), strict=True):
-            out[kind][i] = (m - base.corrupt_metric) / norm
-    return {kind: out[kind].view(sweep_patches(bridge.cfg, T, kind)[1]) for kind in kinds}
+        metric = run_patches(bridge, task, base, [p for _, _, p in todo], report, should_stop, lock,
+                             per_prompt=True)
+        corrupt = base.corrupt_per_prompt
+        for (kind, i, _), m in zip(todo, metric, strict=True):
+            # Patched minus corrupted, per prompt when the baseline has them; else the batch means'.
+            effect[kind][i] = m - corrupt.to(m) if corrupt is not None else m.mean() - base.corrupt_metric
+    out = {}
+    for kind in kinds:
+        shape = sweep_patches(bridge.cfg, T, kind)[1]
+        out[kind] = (effect[kind].mean(1) / norm).view(shape)
+        if per_prompt is not None:
+            per_prompt[kind] = effect[kind].T.reshape((B,) + shape).numpy()
+    return out
 
 
 def top_k(estimates: dict[str, torch.Tensor], k: int) -> dict[str, list[int]]:

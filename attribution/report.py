@@ -199,7 +199,9 @@ class Analysis:
             atp_heads=np.full((L, H), nan), atpstar_heads=np.full((L, H), nan),
             atp_resid=np.full((L, T), nan), atpstar_resid=np.full((L, T), nan), atp_mlp=np.full(L, nan),
             atpstar_mlp=np.full(L, nan), agreement={},
-            passes={"full_forward": 1, "backward": 0, "patched_runs": 0})
+            passes={"full_forward": 1, "backward": 0, "patched_runs": 0},
+            per_prompt={"clean": _np(d.metric), "dla_heads": _np(d.heads), "de_heads": _np(d.de_heads),
+                        "dla_mlp": _np(d.mlp), "de_mlp": _np(d.de_mlp)})
 
     def _attribution(self, say, should_stop) -> dict:
         bridge, task, L = self.model.bridge, self.task, self.model.bridge.cfg.n_layers
@@ -208,13 +210,16 @@ class Analysis:
         with self.clock("corrupted forward"):
             run = corrupted_run(bridge, task, star=True)
         self._base = Baseline(self._cache, [run.acts[hooks.resid_pre(i)].detach() for i in range(L)],
-                              self.results.metric_clean, run.metric.item())
+                              self.results.metric_clean, run.metric.item(), run.per_prompt)
         self._cache = None
+        per_prompt = {}
         with self.clock("atp"):
-            atp = attribution_patching(bridge, task, star=True, base=self._base, run=run)
+            atp = attribution_patching(bridge, task, star=True, base=self._base, run=run, per_prompt=per_prompt)
+        per_prompt = {"corrupt": _np(run.per_prompt), **{"atp_" + k: v for k, v in per_prompt.items()}}
         del run
         self._atp = atp
         out = dict(stage="attribution", metric_corrupt=self._base.corrupt_metric,
+                   per_prompt={**self.results.per_prompt, **per_prompt},
                    atp_heads=_np(atp["heads"]), atpstar_heads=_np(atp["star_heads"]), atp_resid=_np(atp["resid"]),
                    atpstar_resid=_np(atp["star_resid"]), atp_mlp=_np(atp["mlp"]), atpstar_mlp=_np(atp["star_mlp"]),
                    passes={"full_forward": 2, "backward": 1 + L, "patched_runs": 0})
@@ -233,11 +238,14 @@ class Analysis:
         T = task.clean.shape[1]
         kinds = ("resid", "heads", "mlp") + (("heads_pos", "mlp_pos") if settings.per_position else ())
         select = None if settings.full_sweeps else top_k({k: atp["star_" + k] for k in kinds}, settings.verify_top)
+        per_prompt = {}
         with self.clock("activation patching"):
-            patch = activation_patching(bridge, task, kinds, say, self._base, select, should_stop, self.model.lock)
+            patch = activation_patching(bridge, task, kinds, say, self._base, select, should_stop, self.model.lock,
+                                        per_prompt)
         self._base = self._atp = None  # what only this stage needed
         r = self.results
         out = dict(stage="verification", patch_heads=_np(patch["heads"]), patch_resid=_np(patch["resid"]),
+                   per_prompt={**r.per_prompt, **{"patch_" + k: v for k, v in per_prompt.items()}},
                    patch_mlp=_np(patch["mlp"]),
                    patching="full sweeps" if select is None else f"top-{settings.verify_top} by |AtP*|",
                    passes=dict(r.passes, patched_runs=sum(

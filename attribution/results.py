@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from scipy import stats
@@ -73,9 +73,14 @@ class ModelResults:
     sigmas: dict | None = None       # LN-free: each LN's frozen sigma, by TransformerLens name
     sigma_source: str | None = None  # "stored" (recorded in the checkpoint) or "implied" (mean |gamma| = 1)
     attention: np.ndarray | None = field(default=None, repr=False)  # [L, H, T, T] first prompt; not exported
+    # Each prompt's own values, batch first (unnormalised; report.Analysis names them): what the bootstrap
+    # intervals (attribution.intervals) resample.  Exported: the two metrics only.
+    per_prompt: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        out = {k: jsonable(v) for k, v in asdict(self).items() if k != "attention"}
+        out = {f.name: jsonable(getattr(self, f.name)) for f in fields(self) if f.name not in ("attention", "per_prompt")}
+        out["metric_per_prompt"] = {k: jsonable(self.per_prompt[k]) for k in ("clean", "corrupt")
+                                    if k in self.per_prompt}
         for method in ("atp", "atpstar"):
             for key in ("pearson", "spearman", "topk_recall", "mae"):
                 out[f"{method}_{key}"] = jsonable(self.agreement.get(method, {}).get(key, math.nan))
@@ -89,10 +94,11 @@ class PairResults:
     lnfree: ModelResults
 
     def to_json(self) -> dict:
+        from attribution.intervals import pair_intervals
         from attribution.twins import twins_json
 
         return {"ln": self.ln.to_dict(), "lnfree": self.lnfree.to_dict(), "settings": asdict(self.settings),
-                "twins": twins_json(self)}
+                "twins": twins_json(self), "intervals": pair_intervals(self)}
 
 
 def jsonable(v):
