@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -27,6 +28,7 @@ from attribution import (
     PairResults,
     Settings,
     attention_pattern,
+    intervals,
     plots,
     provenance,
     twins,
@@ -438,8 +440,20 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
 def twins_panel(pair: PairResults) -> None:
     agree = twins.twin_agreement(pair)
     k = pair.settings.top_k
-    rows = [{"quantity": twins.QUANTITIES[name][0], "components": a["n"], "Spearman": a["spearman"],
-             "Pearson": a["pearson"], f"top-{k} overlap": a["topk_overlap"]} for name, a in agree.items()]
+    iv = pair.intervals.get("twins", {})
+    rows = []
+    for name, a in agree.items():
+        row = {"quantity": twins.QUANTITIES[name][0], "components": a["n"], "Spearman": a["spearman"],
+               "Pearson": a["pearson"], f"top-{k} overlap": a["topk_overlap"]}
+        for stat, label in (("spearman", "Spearman"), ("topk_overlap", f"top-{k} overlap")):
+            bounds = iv.get(name, {}).get(stat, {})
+            row.update({f"{label} low": bounds.get("low"), f"{label} high": bounds.get("high")})
+        rows.append(row)
+    if "note" in pair.intervals:
+        st.caption(f"No bootstrap intervals: {pair.intervals['note']}.")
+    else:
+        st.caption(f"low / high: {pair.intervals['level']:.0%} bootstrap interval over the "
+                   f"{pair.intervals['n_prompts']} prompts.")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="twins-agreement")
     names = list(agree)
     name = st.selectbox("Largest changes in", names, format_func=lambda n: twins.QUANTITIES[n][0],
@@ -474,6 +488,29 @@ def patching_panel(pair: PairResults, method: str) -> None:
     figure(pair, method, "patch_heads")
     figure(pair, method, "atp_vs_patch")
     figure(pair, method, "patch_resid")
+    intervals_table(pair)
+
+
+def fmt_interval(value, low, high) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and math.isfinite(low) else "")
+
+
+def intervals_table(pair: PairResults) -> None:
+    """Every agreement number with its 95% bootstrap interval over prompts, and LN-free minus LN's."""
+    iv = pair.intervals
+    if "note" in iv:
+        st.caption(f"No bootstrap intervals: {iv['note']} (the induction task's 'Prompts' slider sets how many).")
+        return
+    rows = intervals.interval_rows(iv)
+    shown = [{"statistic": r["statistic"], **{col: fmt_interval(r[col], r[f"{col} low"], r[f"{col} high"])
+                                             for col in ("LN", "LN-free", "LN-free minus LN")}} for r in rows]
+    st.markdown(f"**Agreement with {iv['level']:.0%} bootstrap intervals** over the {iv['n_prompts']} prompts "
+                f"({iv['n_boot']} resamples, the same for both models; an interval of LN-free minus LN that "
+                "excludes 0 is a difference beyond prompt-to-prompt noise).")
+    st.dataframe(pd.DataFrame(shown), hide_index=True, key="intervals")
+    st.download_button("Intervals CSV", table_csv(rows), "agreement_intervals.csv", "text/csv", on_click="ignore")
 
 
 try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from attribution.errors import AttributionInputError, ExportUnavailable
 from attribution.results import PairResults, Settings
+from attribution.intervals import interval_rows
 from attribution.tables import figure_table, summary_rows, table_csv
 
 FORMATS = ("html", "png", "svg", "csv", "json")
@@ -53,12 +54,16 @@ def figure_bytes(fig, fmt: str) -> bytes:
     problem = image_export_problem()
     if problem:
         raise ExportUnavailable(problem)
-    try:
-        return fig.to_image(format=fmt, width=1200, height=550)
-    except Exception as err:  # kaleido/choreographer raise several types when no browser is found
-        if "chrom" in str(err).lower() or "browser" in str(err).lower():
-            raise ExportUnavailable(CHROMIUM_HINT) from None
-        raise
+    for attempt in range(2):
+        try:
+            return fig.to_image(format=fmt, width=1200, height=550)
+        except Exception as err:  # kaleido/choreographer raise several types when no browser is found
+            if "chrom" in str(err).lower() or "browser" in str(err).lower():
+                raise ExportUnavailable(CHROMIUM_HINT) from None
+            # On a loaded machine kaleido's tab can be asked to render before its own script has loaded
+            # ("kaleido_scopes is not defined"); a second try finds it loaded.
+            if attempt or "kaleido_scopes" not in str(err):
+                raise
 
 
 def write_figure(fig, path, fmt: str, manifest: dict | None = None) -> Path:
@@ -97,7 +102,7 @@ def figure_file(fig, fmt: str, manifest: dict | None = None) -> bytes:
 
 def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None) -> bytes:
     """A zip of every figure (HTML, and PNG/SVG when a browser for kaleido is present) with its CSV,
-    the summary table, the JSON of all numbers and settings, and the manifest (manifest.json, and inside
+    the summary table, the agreement numbers' bootstrap intervals, the JSON of all numbers and settings, and the manifest (manifest.json, and inside
     each figure and the JSON)."""
     from attribution.plots import FIGURES
 
@@ -108,6 +113,9 @@ def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None
             zf.writestr("manifest.json", json.dumps(manifest, indent=1))
         zf.writestr("results.json", results_json(pair, manifest))
         zf.writestr("summary.csv", table_csv(summary_rows(pair)))
+        rows = interval_rows(pair.intervals)
+        if rows:
+            zf.writestr("agreement_intervals.csv", table_csv(rows))
         for name, make in FIGURES.items():
             fig = make(pair, method)
             zf.writestr(f"{name}.html", figure_file(fig, "html", manifest))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import cached_property
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -93,12 +94,18 @@ class PairResults:
     ln: ModelResults
     lnfree: ModelResults
 
-    def to_json(self) -> dict:
+    @cached_property
+    def intervals(self) -> dict:
+        """Bootstrap intervals over prompts of every agreement number (attribution.intervals), once per result."""
         from attribution.intervals import pair_intervals
+
+        return pair_intervals(self)
+
+    def to_json(self) -> dict:
         from attribution.twins import twins_json
 
         return {"ln": self.ln.to_dict(), "lnfree": self.lnfree.to_dict(), "settings": asdict(self.settings),
-                "twins": twins_json(self), "intervals": pair_intervals(self)}
+                "twins": twins_json(self), "intervals": self.intervals}
 
 
 def jsonable(v):

@@ -23,15 +23,18 @@ PANELS = {
                                                       "clean activation into the corrupted run, normalised so "
                                                       "that 0 is the corrupted and 1 the clean metric: "
                                                       "estimated from gradients (AtP; AtP* adds the QK fix and "
-                                                      "GradDrop), then checked by activation patching.",
+                                                      "GradDrop), then checked by activation patching; the "
+                                                      "agreement numbers come with bootstrap intervals over "
+                                                      "the prompts.",
     "4. Logit lens": "The metric read from the residual stream entering each layer (and leaving the last) "
                      "through the model's own final LN: where the answer becomes decodable.",
     "5. Attention pattern": "One head's attention on the first clean prompt: rows are query positions, "
                             "columns key positions.",
     "6. Where the twins differ": "How alike the two models' attributions are, component by component "
                                  "(Spearman and Pearson correlation, and the share of each model's top-k "
-                                 "components shared), and the components whose value moves most from LN to "
-                                 "LN-free. The heatmaps above show the same difference as their third panel.",
+                                 "components shared, each with a bootstrap interval over the prompts), and the "
+                                 "components whose value moves most from LN to LN-free. The heatmaps above "
+                                 "show the same difference as their third panel.",
     "7. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
                   "and the JSON of the whole analysis.",
     "8. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "

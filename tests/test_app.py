@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from attribution import Settings, compare, twins, view
+from attribution import Settings, compare, intervals, twins, view
 from models import load_bridge
 from tests.conftest import tiny_model
 
@@ -99,6 +99,15 @@ def test_default_view_shows_demo_pair_numbers():
     shown = next(d.value for d in at.main.dataframe if "components" in d.value.columns)
     assert shown["Spearman"].tolist() == pytest.approx([a["spearman"] for a in agree.values()], nan_ok=True)
     assert shown["components"].tolist() == [a["n"] for a in agree.values()]
+    assert shown["Spearman low"].tolist() == pytest.approx(
+        [pair.intervals["twins"][name]["spearman"]["low"] for name in agree], nan_ok=True)
+    # The agreement numbers' bootstrap intervals: attribution.intervals' own (tests/test_intervals.py).
+    rows = intervals.interval_rows(pair.intervals)
+    table = next(d.value for d in at.main.dataframe if "LN-free minus LN" in d.value.columns)
+    assert table["statistic"].tolist() == [r["statistic"] for r in rows] and len(rows) == 7
+    assert table["LN-free minus LN"].tolist() == [
+        f"{r['LN-free minus LN']:.3f} [{r['LN-free minus LN low']:.3f}, {r['LN-free minus LN high']:.3f}]"
+        for r in rows]
     at.selectbox(key="twins-quantity").set_value("atpstar_heads").run()
     movers = next(d.value for d in at.main.dataframe if "lnfree_minus_ln" in d.value.columns)
     want = twins.top_movers(pair, "atpstar_heads")

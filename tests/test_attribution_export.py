@@ -127,6 +127,28 @@ def test_missing_browser_is_one_sentence(monkeypatch, tmp_path):
         write_figure(go.Figure(), tmp_path / "x.png", "png")
 
 
+def test_kaleido_rendering_before_its_script_loaded_is_tried_again(monkeypatch, tmp_path):
+    calls = []
+
+    def flaky(*a, **k):  # kaleido's JavascriptError text when its tab is not ready
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+        return b"\x89PNG..."
+    monkeypatch.setattr(go.Figure, "to_image", flaky)
+    monkeypatch.setattr("attribution.export.image_export_problem", lambda: None)
+    assert write_figure(go.Figure(), tmp_path / "x.png", "png").read_bytes() == b"\x89PNG..." and len(calls) == 2
+    calls.clear()
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+    monkeypatch.setattr(go.Figure, "to_image", broken)
+    with pytest.raises(RuntimeError, match="kaleido_scopes"):  # twice: a real failure, not hidden
+        write_figure(go.Figure(), tmp_path / "y.png", "png")
+    assert len(calls) == 2
+
+
 def _cli(*args, cwd=ROOT):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "attribution.export", *args], cwd=cwd, env=env,

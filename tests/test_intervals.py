@@ -151,3 +151,20 @@ def test_one_prompt_has_no_interval(models):
     iv = intervals.pair_intervals(pair)
     assert iv["n_prompts"] == 1 and "no interval" in iv["note"] and "ln" not in iv
     assert intervals.interval_rows(iv) == []
+
+
+def test_the_zip_holds_the_intervals(analysed, monkeypatch):
+    import csv
+    import io
+    import zipfile
+
+    from attribution import export
+
+    monkeypatch.setattr(export, "image_export_problem", lambda: "no images")  # PNG / SVG: test_attribution_export
+    zf = zipfile.ZipFile(io.BytesIO(export.bundle(analysed)))
+    rows = list(csv.DictReader(io.StringIO(zf.read("agreement_intervals.csv").decode())))
+    want = intervals.interval_rows(analysed.intervals)
+    assert [r["statistic"] for r in rows] == [w["statistic"] for w in want]
+    assert [float(r["LN-free minus LN low"]) for r in rows] == pytest.approx([w["LN-free minus LN low"] for w in want])
+    assert json.loads(zf.read("results.json"))["intervals"]["lnfree"]["atp_pearson"]["value"] == pytest.approx(
+        analysed.lnfree.agreement["atp"]["pearson"])
