@@ -21,8 +21,8 @@ import zipfile
 from pathlib import Path
 
 from attribution.errors import AttributionInputError, ExportUnavailable
-from attribution.results import PairResults, Settings
 from attribution.intervals import interval_rows
+from attribution.results import PairResults, Settings
 from attribution.tables import figure_table, summary_rows, table_csv
 
 FORMATS = ("html", "png", "svg", "csv", "json")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import cached_property
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 
 import numpy as np
 from scipy import stats

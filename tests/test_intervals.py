@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+
 from attribution import intervals, tasks
 from attribution.atp import attribution_patching
 from attribution.patching import activation_patching
@@ -121,7 +122,7 @@ def test_the_whole_batch_gives_the_analysis_own_numbers(analysed):
             for stat in ("pearson", "spearman", "topk_recall"):
                 got, want = iv[side][f"{method}_{stat}"]["value"], res.agreement[method][stat]
                 assert got == pytest.approx(want, rel=1e-9, abs=1e-12) or (math.isnan(got) and math.isnan(want))
-        for stat, v in iv[side].items():
+        for v in iv[side].values():
             assert v["resamples"] == 0 or v["low"] <= v["high"]
     for stat, v in iv["lnfree_minus_ln"].items():
         assert v["value"] == pytest.approx(iv["lnfree"][stat]["value"] - iv["ln"][stat]["value"], abs=1e-12)
