@@ -17,6 +17,7 @@ resid_post = _in_block("hook_resid_post")
 z = _in_block("attn.hook_z")            # per-head attention outputs before W_O: [batch, pos, head, d_head]
 q = _in_block("attn.hook_q")
 k = _in_block("attn.hook_k")
+v = _in_block("attn.hook_v")
 pattern = _in_block("attn.hook_pattern")
 mlp_out = _in_block("hook_mlp_out")
 mlp_post = _in_block("mlp.hook_post")   # MLP neuron activations: [batch, pos, d_mlp]

@@ -1,0 +1,130 @@
+"""Edge attribution (attribution.edges) on tiny models in float64: each edge's score against the derivative
+of the metric when only that reader's copy of the writer's output moves, and every writer's edges against
+its AtP node score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution import edges, hooks, tasks
+from attribution.atp import attribution_patching
+from attribution.metric import apply_ln
+from attribution.patching import capture, metric_runs
+from attribution.results import Settings
+from models import load_bridge
+
+SETTINGS = Settings(n_prompts=3, seq_len=4)
+
+
+@pytest.fixture(scope="module", params=["ln", "lnfree"])
+def model(request, tiny_ln_dir, tiny_lnfree_dir):
+    path = tiny_ln_dir if request.param == "ln" else tiny_lnfree_dir
+    m = load_bridge(str(path), "float64")
+    task = tasks.build(m.bridge.tokenizer, SETTINGS, m.bridge.cfg.n_ctx)
+    return m.bridge, task, edges.edge_attribution(m.bridge, task)
+
+
+def test_ln_vjp_is_autograds(tiny_ln_dir, tiny_lnfree_dir):
+    for path in (tiny_ln_dir, tiny_lnfree_dir):
+        ln = load_bridge(str(path), "float64").bridge.blocks[1].ln1.original_component
+        x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+        u = torch.randn(2, 5, 64, dtype=torch.float64)
+        (want,) = torch.autograd.grad(apply_ln(ln, x), x, u)
+        torch.testing.assert_close(edges.ln_vjp(ln, x.detach(), u), want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_graph_has_every_edge_forward_in_time_and_no_other():
+    L, H = 2, 2
+    mask = edges.edge_mask(L, H)
+    w = [x for x, _ in edges.writers(L, H)]
+    r = [x for x, _ in edges.readers(L, H)]
+    assert w == ["embed", "L0H0", "L0H1", "L0 MLP", "L1H0", "L1H1", "L1 MLP"]
+    assert r[:7] == ["L0H0 q", "L0H0 k", "L0H0 v", "L0H1 q", "L0H1 k", "L0H1 v", "L0 MLP"] and r[-1] == "logits"
+    edge = {(a, b) for i, a in enumerate(w) for j, b in enumerate(r) if mask[i, j]}
+    assert ("embed", "L0H0 q") in edge and ("L0H1", "L0 MLP") in edge and ("L0H1", "L1H0 v") in edge
+    assert ("L0H0", "L0H1 q") not in edge and ("L0 MLP", "L0H0 k") not in edge and ("L1 MLP", "L1 MLP") not in edge
+    assert all((a, "logits") in edge for a in w)
+    # embed feeds all 15 readers; each layer-0 head 9; layer 0's MLP 8; each layer-1 head 2; layer 1's MLP 1
+    assert mask.sum() == len(edge) == 15 + 2 * 9 + 8 + 2 * 2 + 1
+
+
+def edge_derivative(bridge, task, writer: str, reader: str) -> float:
+    """d metric / d eps when the reader's input alone becomes input + eps (clean - corrupt) of the writer's
+    output, on the corrupted prompts, normalised: computed by moving that one input in a forward pass."""
+    L = bridge.cfg.n_layers
+    names = edges.writer_names(L)
+    clean_metric, clean = capture(bridge, task.clean, names, task)
+    corrupt_metric, corrupt = capture(bridge, task.corrupt, names, task)
+    labels = [x for x, _ in edges.writers(L, bridge.cfg.n_heads)]
+    i = labels.index(writer)
+    delta = (edges._writer_outputs(bridge, clean)[i] - edges._writer_outputs(bridge, corrupt)[i]).detach()
+    eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    seen = {}
+
+    def record(x, hook):
+        seen["x"] = x
+        return x
+
+    def move_input(x, hook):  # only this LN's input moves: the skip path keeps the original
+        return x + eps * delta
+
+    if reader == "logits":
+        fwd = [(hooks.FINAL_LN_IN, move_input)]
+    elif reader.endswith("MLP"):
+        fwd = [(hooks.ln_in(int(reader[1:reader.index(" ")]), "ln2"), move_input)]
+    else:  # one head's query, key or value: recompute it from the moved residual through ln1
+        head, part = reader.split()
+        layer, h = int(head[1:head.index("H")]), int(head[head.index("H") + 1:])
+        W = {"q": bridge.W_Q, "k": bridge.W_K, "v": bridge.W_V}[part][layer, h]
+        b = {"q": bridge.b_Q, "k": bridge.b_K, "v": bridge.b_V}[part][layer, h]
+        ln1 = bridge.blocks[layer].ln1.original_component
+
+        def move_head(x, hook):
+            x = x.clone()
+            x[:, :, h] = apply_ln(ln1, seen["x"] + eps * delta) @ W + b
+            return x
+        fwd = [(hooks.resid_pre(layer), record), (getattr(hooks, part)(layer), move_head)]
+    metric = metric_runs(bridge, task, task.corrupt, fwd, grad=True).mean()
+    (d,) = torch.autograd.grad(metric, eps)
+    return float(d) / (clean_metric.mean().item() - corrupt_metric.mean().item())
+
+
+def test_edge_scores_are_the_derivative_of_moving_one_readers_input(model):
+    bridge, task, result = model
+    for writer, reader in [("embed", "L0H1 q"), ("embed", "L1H2 k"), ("L0H3", "L1H0 v"), ("L0H2", "L0 MLP"),
+                           ("L0 MLP", "L1H1 q"), ("L1H0", "logits"), ("L0 MLP", "L1 MLP"), ("embed", "logits")]:
+        got = result.scores[result.writers.index(writer), result.readers.index(reader)]
+        want = edge_derivative(bridge, task, writer, reader)
+        assert got == pytest.approx(want, rel=1e-8, abs=1e-12), (writer, reader)
+
+
+def test_every_writers_edges_sum_to_its_atp_node_score(model):
+    bridge, task, result = model
+    atp = attribution_patching(bridge, task, star=False)
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    total = dict(zip(result.writers, np.nansum(result.scores, axis=1), strict=True))
+    assert total["embed"] == pytest.approx(float(atp["resid"][0].sum()), rel=1e-8)
+    for i in range(L):
+        assert total[f"L{i} MLP"] == pytest.approx(float(atp["mlp"][i]), rel=1e-8, abs=1e-12)
+        for h in range(H):
+            assert total[f"L{i}H{h}"] == pytest.approx(float(atp["heads"][i, h]), rel=1e-8, abs=1e-12)
+
+
+def test_eap_ig_of_the_embedding_is_complete(model):
+    """The embedding feeds every reader, so its EAP-IG edges sum to its integrated gradient along the path from
+    the corrupted to the clean embeddings: by the fundamental theorem of calculus, the whole metric change
+    (1 after normalising), up to the Riemann sum's error, which shrinks with the steps; plain EAP has no
+    such property."""
+    bridge, task, eap = model
+    errors = []
+    for steps in (2, 8, 32):
+        ig = edges.edge_attribution(bridge, task, ig_steps=steps)
+        assert ig.method == f"EAP-IG ({steps} steps)"
+        assert np.array_equal(np.isfinite(ig.scores), np.isfinite(eap.scores))
+        errors.append(abs(np.nansum(ig.scores[0]) - 1.0))
+    assert errors[2] < errors[1] < errors[0] and errors[2] < 0.05
+    top = eap.top(5)
+    assert len(top) == 5 and abs(top[0]["score"]) >= abs(top[-1]["score"])
+    assert top[0]["score"] == np.nanmax(np.abs(eap.scores)) * np.sign(top[0]["score"])
