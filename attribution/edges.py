@@ -161,3 +161,118 @@ def edge_attribution(bridge, task: Task, ig_steps: int = 1) -> EdgeScores:
             scores[w, r] = float((delta * grads[r]).sum()) / norm
     return EdgeScores([x for x, _ in writers(L, H)], [x for x, _ in readers(L, H)], scores,
                       "EAP" if ig_steps == 1 else f"EAP-IG ({ig_steps} steps)")
+
+
+def faithfulness(bridge, task: Task, result: EdgeScores, sizes: list[int]) -> list[dict]:
+    """How much of the metric the circuit of the top-n edges (by |score|) recovers (circuit_recovery), for
+    each n in `sizes`: one forward pass of the batch each."""
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    mask = edge_mask(L, H)
+    order = np.argsort(-np.where(mask, np.abs(np.nan_to_num(result.scores)), -1.0).ravel(), kind="stable")
+    base = _Baseline(bridge, task)
+    out = []
+    for n in sizes:
+        n = min(n, int(mask.sum()))
+        keep = np.zeros(mask.size, bool)
+        keep[order[:n]] = True
+        out.append({"edges": n, **base.recovery(keep.reshape(mask.shape))})
+    return out
+
+
+def circuit_recovery(bridge, task: Task, keep: np.ndarray) -> dict:
+    """The metric of the clean prompts with every edge outside `keep` ([n_writers, n_readers] bool) ablated:
+    its reader gets the writer's corrupted output in place of its output in this run (exactly, not
+    linearised).  "recovered" is it normalised so that the corrupted metric is 0 and the clean one 1."""
+    return _Baseline(bridge, task).recovery(keep)
+
+
+class _Baseline:
+    """The clean and corrupted metrics and the corrupted writer outputs that circuit runs start from."""
+
+    def __init__(self, bridge, task: Task):
+        names = writer_names(bridge.cfg.n_layers)
+        clean_metric, _ = capture(bridge, task.clean, names, task)
+        corrupt_metric, corrupt = capture(bridge, task.corrupt, names, task)
+        self.bridge, self.task = bridge, task
+        self.clean, self.corrupt = clean_metric.mean().item(), corrupt_metric.mean().item()
+        self.norm = normaliser(self.clean, self.corrupt)
+        self.corrupt_out = torch.stack(_writer_outputs(bridge, corrupt))                 # [W, B, T, d]
+
+    def recovery(self, keep: np.ndarray) -> dict:
+        cfg = self.bridge.cfg
+        ablate = torch.from_numpy(edge_mask(cfg.n_layers, cfg.n_heads) & ~keep).to(F64)  # [W, R]
+        metric = _circuit_metric(self.bridge, self.task, self.corrupt_out, ablate).mean().item()
+        return {"metric": metric, "recovered": (metric - self.corrupt) / self.norm}
+
+
+@torch.no_grad()
+def _circuit_metric(bridge, task: Task, corrupt_out: torch.Tensor, ablate: torch.Tensor) -> torch.Tensor:
+    """Per-prompt metric of the clean prompts with each reader's input minus sum over its ablated writers of
+    (their output in this run - their corrupted output): ablate [W, R] weights each writer per reader."""
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    W_O = bridge.W_O.detach().to(F64)
+    diffs: list[torch.Tensor] = []       # this run's writer outputs minus their corrupted ones, as they come
+    state = {}
+    readers_of = {i: i * (3 * H + 1) for i in range(L)}  # layer i's first reader: its 3H head inputs, then MLP
+    logits = L * (3 * H + 1)
+
+    def removed(r0: int, r1: int) -> torch.Tensor:  # [r1 - r0, B, T, d]
+        d = torch.stack(diffs)
+        return torch.einsum("wr,wbtd->rbtd", ablate[: len(diffs), r0:r1], d)
+
+    def embed(x, hook):
+        state["embed"] = x.to(F64)
+        return x
+
+    def pos_embed(x, hook):
+        diffs.append(state.pop("embed") + x.to(F64) - corrupt_out[0])
+        return x
+
+    def resid_pre(i):
+        def hook(x, hook):
+            state["x"] = x
+            return x
+        return hook
+
+    def qkv(i, part):
+        W = {"q": bridge.W_Q, "k": bridge.W_K, "v": bridge.W_V}[part][i].detach().to(F64)
+        b = {"q": bridge.b_Q, "k": bridge.b_K, "v": bridge.b_V}[part][i].detach().to(F64)
+        ln1 = bridge.blocks[i].ln1.original_component
+        c = QKV.index(part)
+
+        def hook(x, hook):
+            r0 = readers_of[i]
+            gone = removed(r0, r0 + 3 * H)[c::3]                                       # [H, B, T, d]
+            inputs = state["x"].to(F64)[None] - gone
+            new = torch.einsum("hbtd,hde->bthe", apply_ln(ln1, inputs, F64), W) + b
+            return new.to(x.dtype)
+        return hook
+
+    def z(i):
+        def hook(x, hook):
+            heads = torch.einsum("bthe,hed->hbtd", x.to(F64), W_O[i])
+            start = 1 + i * (H + 1)
+            diffs.extend(heads[h] - corrupt_out[start + h] for h in range(H))
+            return x
+        return hook
+
+    def mlp_in(i):
+        def hook(x, hook):
+            r = readers_of[i] + 3 * H
+            return (x.to(F64) - removed(r, r + 1)[0]).to(x.dtype)
+        return hook
+
+    def mlp_out(i):
+        def hook(x, hook):
+            diffs.append(x.to(F64) - corrupt_out[(i + 1) * (H + 1)])
+            return x
+        return hook
+
+    def final_in(x, hook):
+        return (x.to(F64) - removed(logits, logits + 1)[0]).to(x.dtype)
+
+    fwd = [(hooks.EMBED, embed), (hooks.POS_EMBED, pos_embed), (hooks.FINAL_LN_IN, final_in)]
+    for i in range(L):
+        fwd += [(hooks.resid_pre(i), resid_pre(i)), (hooks.z(i), z(i)), (hooks.ln_in(i, "ln2"), mlp_in(i)),
+                (hooks.mlp_out(i), mlp_out(i))] + [(getattr(hooks, p)(i), qkv(i, p)) for p in QKV]
+    return metric_runs(bridge, task, task.clean, fwd)

@@ -128,3 +128,61 @@ def test_eap_ig_of_the_embedding_is_complete(model):
     top = eap.top(5)
     assert len(top) == 5 and abs(top[0]["score"]) >= abs(top[-1]["score"])
     assert top[0]["score"] == np.nanmax(np.abs(eap.scores)) * np.sign(top[0]["score"])
+
+
+def test_a_circuit_of_every_edge_is_the_clean_run_and_of_none_the_corrupted(model):
+    bridge, task, result = model
+    mask = edges.edge_mask(bridge.cfg.n_layers, bridge.cfg.n_heads)
+    assert edges.circuit_recovery(bridge, task, mask)["recovered"] == pytest.approx(1.0, abs=1e-9)
+    assert edges.circuit_recovery(bridge, task, ~mask)["recovered"] == pytest.approx(0.0, abs=1e-9)
+    curve = edges.faithfulness(bridge, task, result, [0, 5, int(mask.sum()), 10**6])
+    assert [c["edges"] for c in curve] == [0, 5, mask.sum(), mask.sum()]
+    assert curve[0]["recovered"] == pytest.approx(0.0, abs=1e-9) and curve[2]["recovered"] == pytest.approx(1.0)
+
+
+def test_one_edge_circuit_against_its_definition(model):
+    """Keeping only embed -> logits: the final LN reads the corrupted final residual plus the clean minus the
+    corrupted embedding, and every other reader gets corrupted inputs."""
+    bridge, task, _ = model
+    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    keep = np.zeros_like(edges.edge_mask(L, H))
+    keep[0, -1] = True
+    got = edges.circuit_recovery(bridge, task, keep)["metric"]
+    names = [hooks.EMBED, hooks.FINAL_LN_IN]
+    _, clean = capture(bridge, task.clean, names, task)
+    _, corrupt = capture(bridge, task.corrupt, names, task)
+    final = corrupt[hooks.FINAL_LN_IN] + clean[hooks.EMBED] - corrupt[hooks.EMBED]
+    from attribution.metric import from_resid
+
+    want = from_resid(bridge, final[:, task.position], task.answer, task.counterfactual, torch.float64).mean()
+    assert got == pytest.approx(float(want), rel=1e-9)
+
+
+def test_eap_is_transformerlens_edge_attribution(model):
+    """TransformerLens 4.x's edge-level attribution patching (per position, one prompt at a time, unnormalised)
+    summed over positions gives the same edges and scores."""
+    from transformer_lens.tools.analysis import attribution_patching as tl
+
+    bridge = model[0]
+    one = tasks.build(bridge.tokenizer, Settings(n_prompts=1, seq_len=4), bridge.cfg.n_ctx)
+
+    def metric(logits):  # TransformerLens calls it once per prompt: one prompt here
+        return logits[0, one.position, one.answer[0]] - logits[0, one.position, one.counterfactual[0]]
+
+    ours = edges.edge_attribution(bridge, one)
+    norm = (metric(bridge(one.clean)) - metric(bridge(one.corrupt))).item()
+    res = tl.attribution_patch(bridge, one.clean, one.corrupt, metric, tl.EdgeAttributionConfig(granularity="edge"))
+
+    def label(node):
+        if node.kind == "embed" or node.kind == "logits":
+            return node.kind
+        if node.kind in ("attn_head_out", "q_input", "k_input", "v_input"):
+            return f"L{node.layer}H{node.head}" + ("" if node.kind == "attn_head_out" else f" {node.kind[0]}")
+        return f"L{node.layer} MLP"
+
+    theirs = {}
+    for (w, r), score in res.edge_scores.items():
+        theirs[label(w), label(r)] = theirs.get((label(w), label(r)), 0.0) + score
+    assert len(theirs) == np.isfinite(ours.scores).sum()
+    for (w, r), score in theirs.items():
+        assert ours.scores[ours.writers.index(w), ours.readers.index(r)] * norm == pytest.approx(score, abs=1e-12)
