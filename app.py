@@ -35,6 +35,14 @@ from attribution import (
     view,
 )
 from attribution import export as exporting
+from attribution.circuits import (
+    circuit_graphs,
+    circuits_json,
+    edges_table,
+    faithfulness_curves,
+    faithfulness_table,
+    pair_circuits,
+)
 from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
 from attribution.findings.plots import FINDINGS_FIGURES
 from attribution.jobs import LRU, PairJob
@@ -99,8 +107,8 @@ def get_model(spec: str, dtype: str, device: str):
 
 @st.cache_resource
 def result_store() -> dict:
-    """Shared by every session: the analyses of recent views (running or done), the findings."""
-    return {"jobs": LRU(8, evict=lambda job: job.cancel("superseded")), "findings": LRU(8)}
+    """Shared by every session: the analyses of recent views (running or done), the circuits, the findings."""
+    return {"jobs": LRU(8, evict=lambda job: job.cancel("superseded")), "findings": LRU(8), "circuits": LRU(8)}
 
 
 def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> PairJob:
@@ -335,6 +343,49 @@ def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairR
     download_row(fig, f"attention_L{layer}H{head}", None, key="attention")
 
 
+def get_circuits(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings, ig_steps: int) -> dict:
+    def compute():
+        return pair_circuits(get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device), settings,
+                             ig_steps)
+
+    return result_store()["circuits"].get((ln_spec, lnfree_spec, dtype, device, settings, ig_steps), compute)
+
+
+def circuits_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> None:
+    """Edge attribution and circuit faithfulness on both models; run on request, cached."""
+    if settings.task == "custom" and not settings.corrupt:
+        st.info("No corrupted prompt: edge attribution needs one (the sidebar's 'Corrupted prompt').")
+        return
+    cols = st.columns([2, 2, 2, 1])
+    method = cols[0].radio("Edge scores", ["EAP", "EAP-IG"], horizontal=True, key="circuits_method",
+                           help="EAP: the gradient at the corrupted prompts; EAP-IG: averaged along the "
+                                "straight line from the corrupted to the clean input embeddings")
+    steps = 1 if method == "EAP" else int(cols[1].slider("EAP-IG steps", 2, 16, 5, key="circuits_steps"))
+    n = int(cols[2].slider("Edges drawn", 5, 100, 20, key="circuits_edges"))
+    want = (ln_spec, lnfree_spec, dtype, device, settings, steps)
+    if cols[3].button("Find circuits", key="circuits_run"):
+        st.session_state["circuits_for"] = want
+    if st.session_state.get("circuits_for") != want:
+        return
+    with st.spinner("Edge attribution and faithfulness on both models..."):
+        result = get_circuits(*want)
+    agree = result.get("agreement")
+    if agree:
+        st.caption(f"{result['method']}: LN against LN-free edge scores over {agree['n']} edges: Spearman "
+                   f"{agree['spearman']:.3f}, top-{agree['k']} overlap {agree['topk_overlap']:.2f}. Cost, in "
+                   f"forward passes of the batch: LN {result['ln']['cost']}, LN-free {result['lnfree']['cost']}.")
+    fig = circuit_graphs(result, n)
+    st.plotly_chart(fig, key="fig-circuit-graphs")
+    table = edges_table(result, n)
+    download_row(fig, "circuit_graphs", table, key="circuit-graphs")
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="circuit-edges")
+    fig = faithfulness_curves(result)
+    st.plotly_chart(fig, key="fig-faithfulness")
+    download_row(fig, "faithfulness", faithfulness_table(result), key="faithfulness")
+    st.download_button("Circuits JSON (every edge score)", json.dumps(circuits_json(result)), "circuits.json",
+                       "application/json", on_click="ignore", key="circuits-json")
+
+
 def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
     cols = st.columns([2, 2, 1, 1])
@@ -423,14 +474,16 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
     section("6. Where the twins differ")
     twins_panel(pair)
-    section("7. Summary")
+    section("7. Circuits")
+    circuits_panel(ln_spec, lnfree_spec, dtype, device, pair.settings)
+    section("8. Summary")
     summary = summary_rows(pair)
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
     cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
     cols[1].download_button("Download all (zip)", partial(bundle_download, pair, st.session_state["export_ctx"]),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
-    section("8. Dataset-level findings")
+    section("9. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)
     with attention:
         attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from attribution import hooks
+from attribution.errors import AttributionInputError
 from attribution.metric import apply_ln
 from attribution.patching import capture, metric_runs, normaliser
 from attribution.tasks import Task
@@ -97,9 +98,11 @@ def writer_names(L: int) -> list[str]:
     return [hooks.EMBED, hooks.POS_EMBED] + [f(i) for i in range(L) for f in (hooks.z, hooks.mlp_out)]
 
 
-def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor | None) -> list[torch.Tensor]:
-    """d (batch-mean metric) / d input of every reader [B, T, d] (float64), in `readers` order, from one
-    forward and backward pass of `tokens` (with the token embeddings replaced by `embed` when given)."""
+def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor | None):
+    """d (batch-mean metric) / d input of every reader (float64) from one forward and backward pass of
+    `tokens` (with the token embeddings replaced by `embed` when given): per layer, in `readers` order, a
+    [3H + 1, B, T, d] tensor (its heads' q, k, v inputs, then its MLP's), and last the logits' [1, B, T, d].
+    One layer at a time, so that only one layer's reader gradients are held."""
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     acts: dict[str, torch.Tensor] = {}
 
@@ -121,44 +124,66 @@ def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor 
         [(n, keep(n)) for n in wanted + [hooks.resid_pre(i) for i in range(L)]]
     metric = metric_runs(bridge, task, tokens, fwd, grad=True).mean()
     grads = dict(zip(wanted, torch.autograd.grad(metric, [acts[n] for n in wanted], allow_unused=True), strict=True))
-    out = []
     for i in range(L):
         ln1 = bridge.blocks[i].ln1.original_component
         x = acts[hooks.resid_pre(i)].detach()
-        for h in range(H):
-            for c, W in zip(QKV, (bridge.W_Q, bridge.W_K, bridge.W_V), strict=True):
-                g = grads[getattr(hooks, c)(i)]
-                g = torch.zeros_like(x, dtype=F64) if g is None else g[:, :, h].to(F64) @ W[i, h].detach().to(F64).T
-                out.append(ln_vjp(ln1, x, g))
-        out.append(grads[hooks.ln_in(i, "ln2")].to(F64))
-    out.append(grads[hooks.FINAL_LN_IN].to(F64))
-    return out
+        # d metric / d ln1's output along each head's q, k, v path: [H, 3, B, T, d], then through ln1
+        u = torch.stack([torch.einsum("bthe,hde->hbtd", _or_zeros(grads[getattr(hooks, c)(i)], x, H, W.shape[-1]),
+                                      W[i].detach().to(F64)) for c, W in zip(QKV, (bridge.W_Q, bridge.W_K, bridge.W_V),
+                                                                             strict=True)], dim=1)
+        heads = ln_vjp(ln1, x, u.flatten(0, 1))                                         # [3H, B, T, d]
+        yield torch.cat([heads, grads[hooks.ln_in(i, "ln2")].to(F64)[None]])
+    yield grads[hooks.FINAL_LN_IN].to(F64)[None]
+
+
+def _or_zeros(g: torch.Tensor | None, x: torch.Tensor, H: int, d_head: int) -> torch.Tensor:
+    """A q / k / v gradient in float64 ([B, T, H, d_head]), zeros where nothing depends on it."""
+    return torch.zeros(x.shape[:2] + (H, d_head), dtype=F64) if g is None else g.to(F64)
+
+
+def score_bytes(bridge, task: Task) -> int:
+    """The memory edge attribution holds at its peak: every writer's change and one layer's reader
+    gradients, float64."""
+    c, (B, T) = bridge.cfg, task.clean.shape
+    return (1 + c.n_layers * (c.n_heads + 1) + 2 * (3 * c.n_heads + 1)) * B * T * c.d_model * 8
+
+
+def check_memory(bridge, task: Task) -> None:
+    from models.loading import available_bytes
+
+    device = bridge.W_U.device
+    need, free = score_bytes(bridge, task), available_bytes(str(device) if device.type == "cuda" else "cpu")
+    if need > 0.5 * free:
+        B, T = task.clean.shape
+        raise AttributionInputError(
+            f"Edge attribution of {B} prompts x {T} tokens needs about {need / 2**30:.1f} GiB but "
+            f"{free / 2**30:.1f} GiB is free; use fewer or shorter prompts.")
 
 
 def edge_attribution(bridge, task: Task, ig_steps: int = 1) -> EdgeScores:
     """Every edge's score (see the module docstring): EAP with ig_steps = 1, EAP-IG with more (the reader
     gradients averaged over the inputs corrupt + k / ig_steps (clean - corrupt), k = 1..ig_steps)."""
     if task.corrupt is None:
-        raise ValueError("edge attribution needs a corrupted prompt")
+        raise AttributionInputError("Edge attribution needs a corrupted prompt.")
+    if ig_steps < 1:
+        raise AttributionInputError(f"EAP-IG needs at least 1 step, not {ig_steps}.")
+    check_memory(bridge, task)
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     clean_metric, clean = capture(bridge, task.clean, writer_names(L), task)
     corrupt_metric, corrupt = capture(bridge, task.corrupt, writer_names(L), task)
     norm = normaliser(clean_metric.mean().item(), corrupt_metric.mean().item())
-    deltas = [a - b for a, b in zip(_writer_outputs(bridge, clean), _writer_outputs(bridge, corrupt), strict=True)]
-    if ig_steps == 1:
-        grads = _reader_grads(bridge, task, task.corrupt, None)
-    else:
-        e_clean, e_corrupt = clean[hooks.EMBED], corrupt[hooks.EMBED]
-        grads = None
-        for k in range(1, ig_steps + 1):
-            step = _reader_grads(bridge, task, task.corrupt, e_corrupt + k / ig_steps * (e_clean - e_corrupt))
-            grads = step if grads is None else [a + b for a, b in zip(grads, step, strict=True)]
-        grads = [g / ig_steps for g in grads]
-    mask = edge_mask(L, H)
-    scores = np.full(mask.shape, np.nan)
-    for w, delta in enumerate(deltas):
-        for r in np.flatnonzero(mask[w]):
-            scores[w, r] = float((delta * grads[r]).sum()) / norm
+    deltas = torch.stack([(a - b).flatten() for a, b in zip(_writer_outputs(bridge, clean),
+                                                            _writer_outputs(bridge, corrupt), strict=True)])
+    e_clean, e_corrupt = clean[hooks.EMBED], corrupt[hooks.EMBED]
+    R = len(readers(L, H))
+    total = torch.zeros(len(deltas), R, dtype=F64)
+    for k in range(1, ig_steps + 1):
+        embed = None if ig_steps == 1 else e_corrupt + k / ig_steps * (e_clean - e_corrupt)
+        start = 0
+        for g in _reader_grads(bridge, task, task.corrupt, embed):  # scores are linear in the gradients
+            total[:, start:start + len(g)] += deltas @ g.flatten(1).T
+            start += len(g)
+    scores = np.where(edge_mask(L, H), total.numpy() / ig_steps / norm, np.nan)
     return EdgeScores([x for x, _ in writers(L, H)], [x for x, _ in readers(L, H)], scores,
                       "EAP" if ig_steps == 1 else f"EAP-IG ({ig_steps} steps)")
 

@@ -35,9 +35,13 @@ PANELS = {
                                  "components shared, each with a bootstrap interval over the prompts), and the "
                                  "components whose value moves most from LN to LN-free. The heatmaps above "
                                  "show the same difference as their third panel.",
-    "7. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
+    "7. Circuits": "Edges between components (embedding, each head's query / key / value input, MLPs, logits) "
+                   "scored by edge attribution patching (EAP, or EAP-IG with integrated gradients) on both "
+                   "models, the top edges drawn on each, and how much of the metric the top-n edges recover "
+                   "when every other edge is ablated (faithfulness). Run on request.",
+    "8. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
                   "and the JSON of the whole analysis.",
-    "8. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
+    "9. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
                                  "residual norms and attention sinks, calibration, and the DLA error per head "
                                  "(arXiv 2507.02559, section 5). Run on request.",
 }

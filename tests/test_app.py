@@ -17,8 +17,8 @@ from tests.conftest import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching",
-           "4. Logit lens", "5. Attention pattern", "6. Where the twins differ", "7. Summary",
-           "8. Dataset-level findings"]
+           "4. Logit lens", "5. Attention pattern", "6. Where the twins differ", "7. Circuits",
+           "8. Summary", "9. Dataset-level findings"]
 needs_demo_pair = pytest.mark.skipif(
     not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
 
@@ -181,6 +181,27 @@ def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir, bos):
     assert shown["metric"].tolist() == [r["metric"] for r in expected]
     for column in ("ln", "lnfree"):
         assert shown[column].tolist() == pytest.approx([r[column] for r in expected], rel=1e-5, nan_ok=True)
+
+
+def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
+    from attribution.circuits import edges_table, pair_circuits
+
+    at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
+                           seq_len=6, circuits_edges=5).run())
+    assert_complete(at)
+    assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)  # on request only
+    complete(at.button(key="circuits_run").click().run())
+    assert not at.exception and not at.error
+    settings = Settings(task="induction", n_prompts=2, seq_len=6, per_position=False)
+    want = edges_table(pair_circuits(load_bridge(str(tiny_ln_dir)), load_bridge(str(tiny_lnfree_dir)), settings), 5)
+    shown = next(d.value for d in at.main.dataframe if "writer" in d.value.columns)
+    assert shown["writer"].tolist() == [r["writer"] for r in want]
+    assert shown["score"].tolist() == pytest.approx([r["score"] for r in want], rel=1e-5)
+    assert any(c.value.startswith("EAP: LN against LN-free edge scores") for c in at.main.caption)
+    at.radio(key="circuits_method").set_value("EAP-IG").run()  # a new method: on request again
+    assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)
+    complete(at.button(key="circuits_run").click().run())
+    assert any(c.value.startswith("EAP-IG (5 steps)") for c in at.main.caption) and not at.exception
 
 
 def test_missing_chromium_is_an_error_with_what_to_install(tiny_ln_dir, tiny_lnfree_dir, monkeypatch):

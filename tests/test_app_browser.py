@@ -88,7 +88,7 @@ def test_app_in_chromium(served_app, tmp_path):
         page = browser.new_page(viewport={"width": 1500, "height": 1200}, accept_downloads=True)
         page.goto(served_app)
         # The default view computes on the demo pair without any click.
-        expect(page.get_by_text("7. Summary")).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("8. Summary")).to_be_visible(timeout=240_000)
         expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
             timeout=240_000)  # the last stage is done
         expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)

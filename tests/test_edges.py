@@ -186,3 +186,19 @@ def test_eap_is_transformerlens_edge_attribution(model):
     assert len(theirs) == np.isfinite(ours.scores).sum()
     for (w, r), score in theirs.items():
         assert ours.scores[ours.writers.index(w), ours.readers.index(r)] * norm == pytest.approx(score, abs=1e-12)
+
+
+def test_edge_attribution_that_would_not_fit_is_one_sentence(model, monkeypatch):
+    import models.loading
+    from attribution.errors import AttributionInputError
+
+    bridge, task, _ = model
+    monkeypatch.setattr(models.loading, "available_bytes", lambda device: edges.score_bytes(bridge, task))
+    with pytest.raises(AttributionInputError, match="needs about .* GiB but .* GiB is free; use fewer"):
+        edges.edge_attribution(bridge, task)
+    from tests.test_report_numbers import IOI
+
+    no_corrupt = tasks.build(bridge.tokenizer, Settings(task="custom", prompt=IOI.prompt, answer=IOI.answer),
+                             bridge.cfg.n_ctx)
+    with pytest.raises(AttributionInputError, match="needs a corrupted prompt"):
+        edges.edge_attribution(bridge, no_corrupt)
