@@ -145,3 +145,8 @@ def faithfulness_curves(result: dict) -> go.Figure:
 
 
 CIRCUIT_FIGURES = {"circuit_graphs": circuit_graphs, "faithfulness": faithfulness_curves}
+
+
+def circuit_tables(result: dict, n: int) -> dict[str, list[dict]]:
+    """The numbers of each circuit figure (its CSV)."""
+    return {"circuit_graphs": edges_table(result, n), "faithfulness": faithfulness_table(result)}

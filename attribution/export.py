@@ -83,10 +83,14 @@ def write_text(text: str, path) -> Path:
     return path
 
 
-def results_json(pair: PairResults, manifest: dict | None = None) -> str:
-    """Every number of `pair` and its settings as strict JSON (no NaN: missing values are null), with the
-    export's manifest (attribution.provenance) when given."""
+def results_json(pair: PairResults, manifest: dict | None = None, circuits: dict | None = None) -> str:
+    """Every number of `pair` and its settings as strict JSON (no NaN: missing values are null), with its
+    circuits (attribution.circuits) and the export's manifest (attribution.provenance) when given."""
     data = pair.to_json()
+    if circuits is not None:
+        from attribution.circuits import circuits_json
+
+        data["circuits"] = circuits_json(circuits)
     if manifest is not None:
         data["manifest"] = manifest
     return json.dumps(data, indent=1, allow_nan=False)
@@ -127,28 +131,37 @@ def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None
 
 
 def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
-           manifest: dict | None = None) -> list[Path]:
-    """Write `figure` (a FIGURES name or "all") of `pair` in `fmt` under `out`, attribution patching shown
-    as `method` ("atp" or "atp*"), each file carrying `manifest` when given (JSON, HTML, SVG and PNG inside
-    the file; CSV beside it, FILE.manifest.json; a folder of figures also gets manifest.json); returns the
-    files written."""
+           manifest: dict | None = None, circuits: dict | None = None, circuit_edges: int = 20) -> list[Path]:
+    """Write `figure` (a FIGURES or CIRCUIT_FIGURES name, or "all") of `pair` in `fmt` under `out`,
+    attribution patching shown as `method` ("atp" or "atp*"), the circuit figures (their top
+    `circuit_edges` edges) when `circuits` is given, each file carrying `manifest` when given (JSON, HTML,
+    SVG and PNG inside the file; CSV beside it, FILE.manifest.json; a folder of figures also gets
+    manifest.json); returns the files written."""
+    from attribution.circuits import CIRCUIT_FIGURES, circuit_tables
     from attribution.plots import FIGURES
 
     if fmt not in FORMATS:
         raise AttributionInputError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if fmt == "json":
-        return [write_text(results_json(pair, manifest), out)]
-    if figure != "all" and figure not in FIGURES:
-        raise AttributionInputError(f"Unknown figure {figure!r}; use all or one of {', '.join(FIGURES)}.")
-    names = list(FIGURES) if figure == "all" else [figure]
+        return [write_text(results_json(pair, manifest, circuits), out)]
+    extra = CIRCUIT_FIGURES if circuits is not None else {}
+    if figure != "all" and figure not in FIGURES and figure not in extra:
+        hint = " (the circuit figures need --circuits)" if figure in CIRCUIT_FIGURES else ""
+        raise AttributionInputError(f"Unknown figure {figure!r}{hint}; use all or one of "
+                                    f"{', '.join([*FIGURES, *extra])}.")
+    names = [*FIGURES, *extra] if figure == "all" else [figure]
     out = Path(out)
     paths = [out / f"{n}.{fmt}" for n in names] if figure == "all" else [out]
     side = json.dumps(manifest, indent=1) if manifest is not None else None
     for n, p in zip(names, paths, strict=True):
         if fmt == "csv":
-            write_text(table_csv(figure_table(n, pair)), p)
+            table = circuit_tables(circuits, circuit_edges)[n] if n in extra else figure_table(n, pair)
+            write_text(table_csv(table), p)
             if side:
                 write_text(side, p.with_name(p.name + ".manifest.json"))
+        elif n in extra:
+            fig = extra[n](circuits, circuit_edges) if n == "circuit_graphs" else extra[n](circuits)
+            write_figure(fig, p, fmt, manifest)
         else:
             write_figure(FIGURES[n](pair, method), p, fmt, manifest)
     if side and figure == "all":
@@ -176,6 +189,7 @@ def check_out(out, one_file: bool, flag: str = "--out") -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from attribution.circuits import CIRCUIT_FIGURES
     from attribution.plots import FIGURES
 
     p = argparse.ArgumentParser(prog="python -m attribution.export", description=__doc__.split("\n\n")[0])
@@ -201,7 +215,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation patching checks the components with the largest |AtP*| (default 20)")
     p.add_argument("--full-sweeps", action="store_true",
                    help="patch every component instead (every head, layer x position and MLP; slow at GPT-2 scale)")
-    p.add_argument("--figure", choices=["all", *FIGURES], help="default: all")
+    p.add_argument("--circuits", action="store_true",
+                   help="also edge attribution and circuit faithfulness on both models (attribution.circuits): "
+                        "in the JSON, and the circuit_graphs and faithfulness figures")
+    p.add_argument("--ig-steps", type=int, default=1, help="with --circuits: 1 = EAP (default), more = EAP-IG")
+    p.add_argument("--circuit-edges", type=int, default=20, help="with --circuits: edges drawn per model")
+    p.add_argument("--figure", choices=["all", *FIGURES, *CIRCUIT_FIGURES], help="default: all")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
@@ -224,12 +243,15 @@ def from_manifest(args) -> tuple[argparse.Namespace, Settings, dict]:
     args.dtype, args.device, args.method = m["dtype"], m["device"], m.get("method", "atp*")
     args.figure = args.figure or m.get("figure", "all")
     args.format = args.format or m.get("format")
+    if "circuits" in m:
+        args.circuits, args.ig_steps, args.circuit_edges = True, m["circuits"]["ig_steps"], m["circuits"]["edges"]
     return args, settings, m
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from attribution import provenance
+    from attribution.circuits import CIRCUIT_FIGURES
     from attribution.report import compare
     from models import ModelSpecError, load_bridge
 
@@ -250,6 +272,10 @@ def main(argv=None) -> int:
             raise AttributionInputError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed "
                                         f"(or --from-manifest FILE).")
         check_settings(settings)
+        if args.figure in CIRCUIT_FIGURES and not args.circuits:
+            raise AttributionInputError(f"The {args.figure} figure needs --circuits.")
+        if args.ig_steps < 1:
+            raise AttributionInputError(f"--ig-steps must be at least 1, not {args.ig_steps}.")
         check_out(args.out, args.format == "json" or args.figure != "all")
         problem = image_export_problem() if args.format in ("png", "svg") else None
         if problem:  # found before the analysis, not after it
@@ -272,11 +298,18 @@ def main(argv=None) -> int:
         pair = compare(ln, lnfree, settings, progress)
         if bar is not None:
             bar.close()
+        found = None
+        if args.circuits:
+            from attribution.circuits import pair_circuits
+
+            found = pair_circuits(ln, lnfree, settings, args.ig_steps)
         for line in provenance.check_weights(recorded, ln, lnfree) if recorded else []:
             print(line, file=sys.stderr)
         made = provenance.manifest(pair, ln, lnfree, method=args.method, dtype=args.dtype, device=args.device,
-                                   figure=args.figure, fmt=args.format, out=args.out)
-        paths = export(pair, args.figure, args.format, args.out, args.method, made)
+                                   figure=args.figure, fmt=args.format, out=args.out,
+                                   circuits={"ig_steps": args.ig_steps, "edges": args.circuit_edges}
+                                   if args.circuits else None)
+        paths = export(pair, args.figure, args.format, args.out, args.method, made, found, args.circuit_edges)
     except (AttributionInputError, ModelSpecError, ExportUnavailable) as err:
         if bar is not None:
             bar.close()

@@ -95,14 +95,17 @@ def command(m: dict) -> str:
         args.append("--no-per-position")
     if s["full_sweeps"]:
         args.append("--full-sweeps")
+    if "circuits" in m:
+        args += ["--circuits", "--ig-steps", str(m["circuits"]["ig_steps"]), "--circuit-edges", str(m["circuits"]["edges"])]
     args += ["--method", m["method"], "--figure", m["figure"], "--format", m["format"], "--dtype", m["dtype"],
              "--device", m["device"], "--out", m["out"]]
     return shlex.join(args)
 
 
 def manifest(pair: PairResults, ln, lnfree, *, method: str, dtype: str, device: str, figure: str, fmt: str,
-             out: str, url: str | None = None) -> dict:
-    """The manifest of one export of `pair` (the two LoadedModels it was computed on)."""
+             out: str, url: str | None = None, circuits: dict | None = None) -> dict:
+    """The manifest of one export of `pair` (the two LoadedModels it was computed on); `circuits` records
+    the edge attribution exported with it ({"ig_steps", "edges"})."""
     import torch
     import transformer_lens
     import transformers
@@ -113,6 +116,8 @@ def manifest(pair: PairResults, ln, lnfree, *, method: str, dtype: str, device: 
          "prompt_tokens": pair.ln.str_tokens, "method": method, "figure": figure, "format": fmt, "out": str(out),
          "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
                        "transformer_lens": getattr(transformer_lens, "__version__", None)}}
+    if circuits is not None:
+        m["circuits"] = circuits
     m["command"] = command(m)
     if url:
         m["app_url"] = url

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
-from attribution import provenance
+from attribution import Settings, provenance
 from attribution.export import bundle, export, image_export_problem
 from tests.test_attribution_export import pair  # noqa: F401 (the module fixture: a real tiny pair)
 from tests.test_lnfree_cli import ENV
@@ -52,7 +53,7 @@ def test_a_manifest_records_the_export_and_reproduces_its_numbers(tiny_ln_dir, t
         assert {k: v for k, v in redo[key].items() if k != "cost"} == \
             {k: v for k, v in data[key].items() if k != "cost"}, key
         assert redo[key]["cost"].keys() == data[key]["cost"].keys()
-    for key in ("twins", "settings"):
+    for key in ("twins", "settings", "intervals"):
         assert redo[key] == data[key], key
     assert {k: v for k, v in redo["manifest"].items() if k not in ("out", "command")} == \
         {k: v for k, v in m.items() if k not in ("out", "command")}
@@ -64,6 +65,38 @@ def test_a_manifest_records_the_export_and_reproduces_its_numbers(tiny_ln_dir, t
     (tmp_path / "edited.manifest.json").write_text(json.dumps(m))
     proc = export_cli("--from-manifest", tmp_path / "edited.manifest.json", "--out", tmp_path / "third.json")
     assert proc.returncode == 0 and "are not the ones the manifest records" in proc.stderr
+
+
+def test_circuits_export_and_come_back_from_their_manifest(tiny_ln_dir, tiny_lnfree_dir, tmp_path):
+    from attribution.circuits import pair_circuits
+    from models import load_bridge
+
+    first = tmp_path / "c.json"
+    proc = export_cli("--ln", tiny_ln_dir, "--lnfree", tiny_lnfree_dir, "--task", "induction", "--n-prompts", 2,
+                      "--seq-len", 5, "--circuits", "--ig-steps", 3, "--format", "json", "--out", first)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(first.read_text())
+    assert data["manifest"]["circuits"] == {"ig_steps": 3, "edges": 20}
+    assert "--circuits --ig-steps 3 --circuit-edges 20" in data["manifest"]["command"]
+    want = pair_circuits(load_bridge(str(tiny_ln_dir)), load_bridge(str(tiny_lnfree_dir)),
+                         Settings(**data["settings"]), ig_steps=3)
+    assert data["circuits"]["method"] == "EAP-IG (3 steps)"
+    assert np.allclose(np.array(data["circuits"]["lnfree"]["scores"], dtype=float), want["lnfree"]["scores"],
+                       equal_nan=True, rtol=1e-12, atol=0)
+    proc = export_cli("--from-manifest", first, "--out", tmp_path / "again.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    redo = json.loads((tmp_path / "again.json").read_text())["circuits"]
+    for side in ("ln", "lnfree"):
+        assert redo[side]["scores"] == data["circuits"][side]["scores"]
+        assert redo[side]["faithfulness"] == data["circuits"][side]["faithfulness"]
+    html = tmp_path / "figs"
+    proc = export_cli("--from-manifest", first, "--figure", "all", "--format", "html", "--out", html)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert provenance.read(html / "circuit_graphs.html")["circuits"]["ig_steps"] == 3
+    assert (html / "faithfulness.html").exists()
+    proc = export_cli("--ln", tiny_ln_dir, "--lnfree", tiny_lnfree_dir, "--figure", "faithfulness", "--format", "csv",
+                      "--out", tmp_path / "f.csv")
+    assert proc.returncode == 2 and "needs --circuits" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_every_format_carries_the_manifest(pair, tmp_path, monkeypatch):  # noqa: F811
