@@ -31,7 +31,7 @@ def timed(fn):
 
 
 def measure(ln_spec: str, lnfree_spec: str) -> dict:
-    from attribution import Settings, compare, edges, intervals, tasks
+    from attribution import Settings, circuits, compare, edges, intervals, tasks
     from models import load_bridge
 
     settings = Settings(task="induction", n_prompts=8, seq_len=20, per_position=False)
@@ -44,8 +44,8 @@ def measure(ln_spec: str, lnfree_spec: str) -> dict:
         eap, t_eap = timed(lambda b=bridge, t=task: edges.edge_attribution(b, t))
         _, t_ig = timed(lambda b=bridge, t=task: edges.edge_attribution(b, t, ig_steps=5))
         n_edges = int(np.isfinite(eap.scores).sum())
-        sizes = [n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n < n_edges] + [n_edges]
-        _, t_faith = timed(lambda b=bridge, t=task, e=eap: edges.faithfulness(b, t, e, sizes))
+        sizes = [n for n in circuits.SIZES if n < n_edges] + [n_edges]
+        _, t_faith = timed(lambda b=bridge, t=task, e=eap, s=sizes: edges.faithfulness(b, t, e, s))
         out[name] = {"forward_s": round(unit, 3), "edges": n_edges, "EAP": round(t_eap / unit, 1),
                      "EAP-IG (5 steps)": round(t_ig / unit, 1),
                      f"faithfulness curve ({len(sizes)} sizes)": round(t_faith / unit, 1)}
