@@ -90,11 +90,10 @@ RECIPES: dict[str, Recipe] = {
     # than the paper's gaps: removing blocks.1's ln_1 v path blows the residual up for a few steps (a
     # ~1e7x gradient-norm spike that clipping and the aux loss repair), hence the lax spike check.  A
     # quarter of the chunks are repeated random spans so that the induction heads stay in use, and the
-    # embeddings train at 10x the lr, as in the demo's pretraining (models/demo_training).  Every chunk starts
-    # with <|endoftext|>, as in that pretraining: a constant first token that one frozen sigma can fit.
+    # embeddings train at 10x the lr, as in the demo's pretraining (models/demo_training).
     "demo": Recipe(name="demo", steps=300, lr=6e-4, min_lr=3e-4, warmup=10, aux_lambda=0.1, ln2_start=20, ln2_gap=6,
                    qk_start=48, qk_gap=6, v_start=80, v_gap=20, lnf_step=170, micro_batch=12, grad_accum=1,
-                   n_ctx=256, momentum=0.9, embed_lr_scale=10.0, span_frac=0.25, spike_factor=1e9, bos=1),
+                   n_ctx=256, momentum=0.9, embed_lr_scale=10.0, span_frac=0.25, spike_factor=1e9),
 }
 MODEL_RECIPE = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large",
                 "gpt2-xl": "gpt2-xl", "demo": "demo"}

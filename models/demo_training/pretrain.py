@@ -126,9 +126,10 @@ def parser() -> argparse.ArgumentParser:
                     help="span lengths of those rows")
     ap.add_argument("--repeats-only", action=argparse.BooleanOptionalAction, default=True,
                     help="on span rows, train only on the targets induction can predict (the first copy is noise)")
-    ap.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
                     help="every text chunk (training and held-out) starts with <|endoftext|>, so position 0 is a "
-                         "constant token as when GPT-2 is prompted (span rows always do)")
+                         "constant token as when GPT-2 is prompted (span rows always do); with the other "
+                         "defaults the induction heads do not form (NOTES.md)")
     ap.add_argument("--heldout-chunks", type=int, default=None, metavar="N",
                     help="evaluate on the first N held-out chunks only (default: all; training.json records the count)")
     return ap
