@@ -180,8 +180,10 @@ def edge_attribution(bridge, task: Task, ig_steps: int = 1) -> EdgeScores:
     for k in range(1, ig_steps + 1):
         embed = None if ig_steps == 1 else e_corrupt + k / ig_steps * (e_clean - e_corrupt)
         start = 0
-        for g in _reader_grads(bridge, task, task.corrupt, embed):  # scores are linear in the gradients
-            total[:, start:start + len(g)] += deltas @ g.flatten(1).T
+        for layer, g in enumerate(_reader_grads(bridge, task, task.corrupt, embed)):
+            # Scores are linear in the gradients; only the writers up to this layer's MLP can feed its readers.
+            w = min(len(deltas), 1 + (layer + 1) * (H + 1))
+            total[:w, start:start + len(g)] += deltas[:w] @ g.flatten(1).T
             start += len(g)
     scores = np.where(edge_mask(L, H), total.numpy() / ig_steps / norm, np.nan)
     return EdgeScores([x for x, _ in writers(L, H)], [x for x, _ in readers(L, H)], scores,
@@ -242,8 +244,7 @@ def _circuit_metric(bridge, task: Task, corrupt_out: torch.Tensor, ablate: torch
     logits = L * (3 * H + 1)
 
     def removed(r0: int, r1: int) -> torch.Tensor:  # [r1 - r0, B, T, d]
-        d = torch.stack(diffs)
-        return torch.einsum("wr,wbtd->rbtd", ablate[: len(diffs), r0:r1], d)
+        return torch.einsum("wr,wbtd->rbtd", ablate[: len(diffs), r0:r1], torch.stack(diffs))
 
     def embed(x, hook):
         state["embed"] = x.to(F64)
@@ -263,13 +264,14 @@ def _circuit_metric(bridge, task: Task, corrupt_out: torch.Tensor, ablate: torch
         W = {"q": bridge.W_Q, "k": bridge.W_K, "v": bridge.W_V}[part][i].detach().to(F64)
         b = {"q": bridge.b_Q, "k": bridge.b_K, "v": bridge.b_V}[part][i].detach().to(F64)
         ln1 = bridge.blocks[i].ln1.original_component
-        c = QKV.index(part)
+        c = QKV.index(part)  # the part's readers are every third of the layer's head readers
 
         def hook(x, hook):
-            r0 = readers_of[i]
-            gone = removed(r0, r0 + 3 * H)[c::3]                                       # [H, B, T, d]
-            inputs = state["x"].to(F64)[None] - gone
-            new = torch.einsum("hbtd,hde->bthe", apply_ln(ln1, inputs, F64), W) + b
+            if state.get("ln1_layer") != i:  # once per layer: all its heads' q, k and v inputs through ln1
+                r0 = readers_of[i]
+                inputs = state["x"].to(F64)[None] - removed(r0, r0 + 3 * H)               # [3H, B, T, d]
+                state["ln1"], state["ln1_layer"] = apply_ln(ln1, inputs, F64), i
+            new = torch.einsum("hbtd,hde->bthe", state["ln1"][c::3], W) + b
             return new.to(x.dtype)
         return hook
 
