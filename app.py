@@ -59,9 +59,12 @@ CUSTOM_PAIR = "Custom (hub names or local directories)"
 PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
 DEFAULT_PAIR = "demo  |  demo-lnfree"
 TASK_HELP = {
-    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt).",
+    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt). The preset: both demo "
+              "models copy the name that followed 'said unto' before (a copy behaviour, not IOI); swapping the "
+              "names flips it.",
     "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
-    "ioi": "Indirect object identification; corrupted: the names swapped.",
+    "ioi": "Indirect object identification; corrupted: the names swapped. The demo pair has no IOI circuit "
+           "(its metric stays near 0): use GPT-2 for this task.",
 }
 
 USER_ERRORS = (ModelSpecError, AttributionInputError)

@@ -26,9 +26,12 @@ TASKS = ("induction", "ioi", "custom")
 IOI_TEMPLATE = "When {io} and {s} went to the {place}, {s2} gave a {obj} to"
 
 
-# The app's default custom task: a line the demo model (KJV + Shakespeare) and GPT-2 both get right.
-PRESET = {"prompt": "In the beginning God created the heaven and the", "answer": " earth",
-          "counterfactual": " heaven", "corrupt": "In the beginning God created the earth and the"}
+# The app's default custom task, a line in the style of the demo's corpus (KJV + Shakespeare): both demo
+# models predict " Aaron", copying the name that followed "said unto" before (a copy behaviour, like the
+# induction task's, not IOI, whose answer would be " Moses"); swapping the names flips it in both.
+PRESET = {"prompt": "And Moses said unto Aaron, Take thy rod, and stretch out thine hand. And Aaron said unto",
+          "answer": " Aaron", "counterfactual": " Moses",
+          "corrupt": "And Aaron said unto Moses, Take thy rod, and stretch out thine hand. And Moses said unto"}
 
 @dataclass
 class Task:

@@ -50,3 +50,22 @@ def test_demo_lnfree_is_ln_free_and_keeps_induction():
 def test_inspect_cli_demo():
     out = json.loads(run_inspect("demo").stdout)
     assert out["spec"] == "demo" and out["n_layers"] == 4 and out["ln_free"] is False
+
+
+def test_the_presets_do_what_the_app_says_on_both_demo_models():
+    """The custom preset: both models' top-1 is the answer and the corrupted prompt lowers the metric; the
+    induction task (the opening view): the same for its batch.  The IOI task: the demo has no IOI circuit
+    (the app says so), its metric moves little."""
+    from attribution import Settings, compare
+    from attribution.tasks import PRESET
+    from models import load_bridge
+
+    ln, lnfree = load_bridge("demo"), load_bridge("demo-lnfree")
+    custom = compare(ln, lnfree, Settings(task="custom", **PRESET, per_position=False))
+    induction = compare(ln, lnfree, Settings(task="induction", per_position=False))
+    for pair in (custom, induction):
+        for res in (pair.ln, pair.lnfree):
+            assert res.top_tokens[0][0] == res.answer
+            assert res.metric_clean > res.metric_corrupt + 5
+    ioi = compare(ln, lnfree, Settings(task="ioi", per_position=False))
+    assert all(abs(r.metric_clean) < 2 for r in (ioi.ln, ioi.lnfree))
