@@ -215,7 +215,9 @@ class Analysis:
         per_prompt = {}
         with self.clock("atp"):
             atp = attribution_patching(bridge, task, star=True, base=self._base, run=run, per_prompt=per_prompt)
-        per_prompt = {"corrupt": _np(run.per_prompt), **{"atp_" + k: v for k, v in per_prompt.items()}}
+        # Per-position values only where the analysis reports them (GradDrop's are L x the heads' at xl scale).
+        per_prompt = {"corrupt": _np(run.per_prompt), **{"atp_" + k: v for k, v in per_prompt.items()
+                                                         if self.settings.per_position or "_pos" not in k}}
         del run
         self._atp = atp
         out = dict(stage="attribution", metric_corrupt=self._base.corrupt_metric,

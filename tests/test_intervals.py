@@ -169,3 +169,10 @@ def test_the_zip_holds_the_intervals(analysed, monkeypatch):
     assert [float(r["LN-free minus LN low"]) for r in rows] == pytest.approx([w["LN-free minus LN low"] for w in want])
     assert json.loads(zf.read("results.json"))["intervals"]["lnfree"]["atp_pearson"]["value"] == pytest.approx(
         analysed.lnfree.agreement["atp"]["pearson"])
+
+
+def test_without_per_position_no_per_position_values_are_kept(models):
+    pair = compare(*models, Settings(n_prompts=3, seq_len=4, per_position=False))
+    assert not [k for k in pair.ln.per_prompt if "_pos" in k] and "atp_sets_heads" in pair.ln.per_prompt
+    iv = intervals.pair_intervals(pair, n_boot=50)
+    assert iv["ln"]["atpstar_pearson"]["value"] == pytest.approx(pair.ln.agreement["atpstar"]["pearson"], rel=1e-9)
