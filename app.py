@@ -27,6 +27,7 @@ from attribution import (
     AttributionInputError,
     PairResults,
     Settings,
+    analyse,
     attention_pattern,
     intervals,
     plots,
@@ -111,7 +112,8 @@ def get_model(spec: str, dtype: str, device: str):
 @st.cache_resource
 def result_store() -> dict:
     """Shared by every session: the analyses of recent views (running or done), the circuits, the findings."""
-    return {"jobs": LRU(8, evict=lambda job: job.cancel("superseded")), "findings": LRU(8), "circuits": LRU(8)}
+    return {"jobs": LRU(8, evict=lambda job: job.cancel("superseded")), "findings": LRU(8), "circuits": LRU(8),
+            "single": LRU(8)}
 
 
 def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> PairJob:
@@ -205,8 +207,9 @@ def progress_to(bar):
     return lambda fraction, text: bar.progress(min(max(fraction, 0.0), 1.0), text=text)
 
 
-def sidebar() -> tuple[str, str, str, str, Settings, str, str]:
-    """The view: specs, dtype, device, settings, AtP method, and what the left column is (LEFT's key)."""
+def sidebar() -> tuple[str, str, str, str, Settings, str, str, tuple[str, str] | None]:
+    """The view: specs, dtype, device, settings, AtP method, what the left column is (LEFT's key), and the
+    model a pair with a vanilla control leaves out of the columns (LEFT's key and spec; None without one)."""
     sb = st.sidebar
     sb.title("lnfree workbench")
     for key, value in DEFAULTS.items():  # where the command line or the URL has not set them
@@ -223,10 +226,11 @@ def sidebar() -> tuple[str, str, str, str, Settings, str, str]:
     else:
         ln_spec, lnfree_spec = PAIR_LABELS[label]
         vanilla = VANILLA.get(ln_spec, "")
-    left = "original"
+    left, third = "original", None
     if vanilla.strip():
         left = sb.radio("Left column", CHOICES["left"], format_func=LEFT.get, key="left",
                         help="Against the vanilla control, what differs is LN removal alone, not the fine-tuning")
+        third = ("original", ln_spec) if left == "vanilla" else ("vanilla", vanilla.strip())
         if left == "vanilla":
             ln_spec = vanilla.strip()
     dtype = sb.selectbox("dtype", CHOICES["dtype"], key="dtype",
@@ -262,7 +266,7 @@ def sidebar() -> tuple[str, str, str, str, Settings, str, str]:
         "Components checked by patching (largest |AtP*|)", *view.RANGES["verify_top"], key="verify_top")
     settings = Settings(task=task, top_k=top_k, per_position=per_position, full_sweeps=full,
                         verify_top=verify_top, **fields)
-    return ln_spec, lnfree_spec, dtype, device, settings, method, left
+    return ln_spec, lnfree_spec, dtype, device, settings, method, left, third
 
 
 def export_manifest(pair: PairResults, ctx: tuple, figure_name: str, fmt: str) -> dict:
@@ -422,7 +426,7 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
 
 def main() -> None:
     problems = initial_view()
-    ln_spec, lnfree_spec, dtype, device, settings, method, left = sidebar()
+    ln_spec, lnfree_spec, dtype, device, settings, method, left, third = sidebar()
     share_view()
     for problem in problems:
         st.error(problem)
@@ -431,7 +435,10 @@ def main() -> None:
                f"checked against activation patching. Left: {LEFT[left]}. Right: the LN-free model.")
     status = st.container()
     try:
-        ln_spec = ln_spec.strip() or get_model(lnfree_spec, dtype, device).info.ln_base()
+        base = get_model(lnfree_spec, dtype, device).info.ln_base
+        ln_spec = ln_spec.strip() or base()
+        if third is not None and not third[1].strip():  # the original of a custom pair: the recorded base
+            third = (third[0], base())
         job = get_job(ln_spec, lnfree_spec, dtype, device, settings)
     except USER_ERRORS as err:
         st.error(str(err))
@@ -443,7 +450,7 @@ def main() -> None:
         with status:
             job_state(job, None)
         return
-    panels(pair, method, ln_spec, lnfree_spec, dtype, device)
+    panels(pair, method, ln_spec, lnfree_spec, dtype, device, third)
     with status:  # last: the page above is complete as far as the analysis has gone
         job_state(job, pair.ln.stage)
 
@@ -453,7 +460,8 @@ def section(title: str) -> None:
     st.caption(view.PANELS[title])
 
 
-def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
+def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str,
+           third: tuple[str, str] | None = None) -> None:
     """Every panel, each as complete as the analysis's stage allows (later stages' panels say so)."""
     st.session_state["export_ctx"] = (ln_spec, lnfree_spec, dtype, device, method)  # for the manifests
     section("1. Predictions")
@@ -480,7 +488,7 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
     section("7. Circuits")
     circuits_panel(ln_spec, lnfree_spec, dtype, device, pair.settings)
     section("8. Summary")
-    summary = summary_rows(pair)
+    summary = summary_rows(pair, three_way(pair, third, dtype, device))
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
     cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
@@ -491,6 +499,28 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
     with attention:
         attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),
                         pair)
+
+
+def get_single(spec: str, dtype: str, device: str, settings: Settings):
+    return result_store()["single"].get((spec, dtype, device, settings),
+                                        lambda: analyse(get_model(spec, dtype, device), settings))
+
+
+def three_way(pair: PairResults, third: tuple[str, str] | None, dtype: str, device: str) -> list:
+    """The summary's middle column, on request: the model of the pair's family that the columns leave out
+    (the original LN model or the vanilla control), analysed with the same settings."""
+    if third is None or pair.ln.stage != "verification":
+        return []
+    which, spec = third
+    want = (spec, dtype, device, pair.settings)
+    if st.button(f"Add {LEFT[which]} (`{spec}`) to the summary", key="three_way_run",
+                 help="The paper compares the LN-free model with the vanilla control; this puts the original, "
+                      "the vanilla control and the LN-free model side by side"):
+        st.session_state["three_way_for"] = want
+    if st.session_state.get("three_way_for") != want:
+        return []
+    with st.spinner(f"Analysing {spec}..."):
+        return [(which, get_single(*want))]
 
 
 def twins_panel(pair: PairResults) -> None:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from attribution.errors import AttributionInputError
-from attribution.results import PairResults
+from attribution.results import ModelResults, PairResults
 
 
 def _models(pair: PairResults):
@@ -120,13 +120,14 @@ def table_csv(rows: list[dict]) -> str:
 
 
 
-def summary_rows(pair: PairResults) -> list[dict]:
+def summary_rows(pair: PairResults, extra: list[tuple[str, ModelResults]] = ()) -> list[dict]:
     """One row per headline number (metric, DLA error, AtP and AtP* agreement with activation patching:
     over every head with full sweeps, else over the patched components; the analysis's cost), one column
-    per model."""
+    per model: the pair's LN model, then `extra` ((label, results) of other models on the same settings,
+    e.g. the vanilla control), then the LN-free model."""
     k = pair.settings.top_k
     cols = {}
-    for label, res in (("LN", pair.ln), ("LN-free", pair.lnfree)):
+    for label, res in (("LN", pair.ln), *extra, ("LN-free", pair.lnfree)):
         a, s = res.agreement.get("atp", {}), res.agreement.get("atpstar", {})
         cols[f"{label}: {res.spec}"] = {
             "metric (clean)": res.metric_clean, "metric (corrupted)": res.metric_corrupt,

@@ -299,6 +299,15 @@ def test_the_vanilla_control_on_the_left(tiny_ln_dir, tiny_lnfree_dir, tokenizer
     assert clean == [f"{alone.ln.metric_clean:.3f}", f"{alone.lnfree.metric_clean:.3f}"]
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{alone.ln.dla_nmae:.1%}"
     assert at.query_params["left"] == "vanilla" and at.query_params["vanilla_spec"] == str(vanilla)
+    # Three-way: the original LN model, on request, as the summary's middle column.
+    complete(at.button(key="three_way_run").click().run())
+    assert not at.exception and not at.error
+    summary = at.dataframe[-1].value
+    original = compare(load_bridge(str(tiny_ln_dir)), load_bridge(str(tiny_lnfree_dir)), settings).ln
+    assert list(summary.columns) == [f"LN: {vanilla}", f"original: {tiny_ln_dir}", f"LN-free: {tiny_lnfree_dir}"]
+    assert summary.loc["metric (clean)"].tolist() == pytest.approx(
+        [alone.ln.metric_clean, original.metric_clean, alone.lnfree.metric_clean])
+    assert summary.loc["AtP* Spearman"].tolist()[1] == pytest.approx(original.agreement["atpstar"]["spearman"])
     at.sidebar.radio(key="left").set_value("original")
     complete(at.run())
     assert_complete(at)
