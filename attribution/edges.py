@@ -74,13 +74,16 @@ def edge_mask(L: int, H: int) -> np.ndarray:
 def ln_vjp(ln: torch.nn.Module, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """d metric / d x for y = ln(x) given d metric / d y = u [..., B, T, d] (broadcast over leading axes),
     in float64: the LN's vector-Jacobian product at x (affine for an LN-free model's FixedLayerNorm)."""
+    # In place on one [..., B, T, d] tensor: the cotangents of 3H readers are the big operand here.
     x, g = x.to(F64), u.to(F64) * ln.weight.detach().to(F64)
+    g.sub_(g.mean(-1, keepdim=True))
     if isinstance(ln, FixedLayerNorm):
-        return (g - g.mean(-1, keepdim=True)) / ln.sigma
-    mu = x.mean(-1, keepdim=True)
+        return g.div_(ln.sigma)
     sigma = (x.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
-    xhat = (x - mu) / sigma
-    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
+    xhat = (x - x.mean(-1, keepdim=True)) / sigma
+    # mean(g * xhat) is unchanged by centring g first, since xhat has mean 0
+    dot = torch.einsum("...btd,btd->...bt", g, xhat)[..., None] / x.shape[-1]
+    return g.addcmul_(xhat.expand_as(g), dot.expand_as(g), value=-1).div_(sigma)
 
 
 def _writer_outputs(bridge, acts: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -100,9 +103,9 @@ def writer_names(L: int) -> list[str]:
 
 def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor | None):
     """d (batch-mean metric) / d input of every reader (float64) from one forward and backward pass of
-    `tokens` (with the token embeddings replaced by `embed` when given): per layer, in `readers` order, a
-    [3H + 1, B, T, d] tensor (its heads' q, k, v inputs, then its MLP's), and last the logits' [1, B, T, d].
-    One layer at a time, so that only one layer's reader gradients are held."""
+    `tokens` (with the token embeddings replaced by `embed` when given), in `readers` order, as (layer,
+    [n, B, T, d]): per layer its heads' q, k, v inputs (n = 3H), then its MLP's (n = 1), and last the
+    logits' (layer L).  One layer at a time, so that only one layer's reader gradients are held."""
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     acts: dict[str, torch.Tensor] = {}
 
@@ -124,16 +127,16 @@ def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor 
         [(n, keep(n)) for n in wanted + [hooks.resid_pre(i) for i in range(L)]]
     metric = metric_runs(bridge, task, tokens, fwd, grad=True).mean()
     grads = dict(zip(wanted, torch.autograd.grad(metric, [acts[n] for n in wanted], allow_unused=True), strict=True))
+    d_head = bridge.cfg.d_head
     for i in range(L):
         ln1 = bridge.blocks[i].ln1.original_component
         x = acts[hooks.resid_pre(i)].detach()
         # d metric / d ln1's output along each head's q, k, v path: [H, 3, B, T, d], then through ln1
-        u = torch.stack([torch.einsum("bthe,hde->hbtd", _or_zeros(grads[getattr(hooks, c)(i)], x, H, W.shape[-1]),
-                                      W[i].detach().to(F64)) for c, W in zip(QKV, (bridge.W_Q, bridge.W_K, bridge.W_V),
-                                                                             strict=True)], dim=1)
-        heads = ln_vjp(ln1, x, u.flatten(0, 1))                                         # [3H, B, T, d]
-        yield torch.cat([heads, grads[hooks.ln_in(i, "ln2")].to(F64)[None]])
-    yield grads[hooks.FINAL_LN_IN].to(F64)[None]
+        g = torch.stack([_or_zeros(grads[getattr(hooks, c)(i)], x, H, d_head) for c in QKV])  # [3, B, T, H, dh]
+        W = torch.stack([w[i].detach().to(F64) for w in (bridge.W_Q, bridge.W_K, bridge.W_V)])  # [3, H, d, dh]
+        yield i, ln_vjp(ln1, x, torch.einsum("cbthe,chde->hcbtd", g, W).flatten(0, 1))     # [3H, B, T, d]
+        yield i, grads[hooks.ln_in(i, "ln2")].to(F64)[None]
+    yield L, grads[hooks.FINAL_LN_IN].to(F64)[None]
 
 
 def _or_zeros(g: torch.Tensor | None, x: torch.Tensor, H: int, d_head: int) -> torch.Tensor:
@@ -180,7 +183,7 @@ def edge_attribution(bridge, task: Task, ig_steps: int = 1) -> EdgeScores:
     for k in range(1, ig_steps + 1):
         embed = None if ig_steps == 1 else e_corrupt + k / ig_steps * (e_clean - e_corrupt)
         start = 0
-        for layer, g in enumerate(_reader_grads(bridge, task, task.corrupt, embed)):
+        for layer, g in _reader_grads(bridge, task, task.corrupt, embed):
             # Scores are linear in the gradients; only the writers up to this layer's MLP can feed its readers.
             w = min(len(deltas), 1 + (layer + 1) * (H + 1))
             total[:w, start:start + len(g)] += deltas[:w] @ g.flatten(1).T
