@@ -5,7 +5,7 @@
 For each model (the demo pair, and the gpt2-small-shaped stand-in with random weights of bench.bench_engine
 and its LN-free twin): 8 x 20-token induction prompts (41 tokens with BOS), one forward pass of the batch
 as the unit, then EAP, EAP-IG with 5 steps and the faithfulness curve (one pass per circuit size), each
-as its wall time / the unit, measured in one run; and for the pair, the bootstrap intervals of a default
+as its wall time / the unit (after one untimed EAP), measured in one run; and for the pair, the bootstrap intervals of a default
 analysis (1,000 resamples).  EAP's floor is 2 forward passes (clean, corrupted) plus a forward and
 backward pass (about 3 forward passes): 5 in all.
 """
@@ -41,6 +41,7 @@ def measure(ln_spec: str, lnfree_spec: str) -> dict:
         bridge = model.bridge
         task = tasks.build(bridge.tokenizer, settings, bridge.cfg.n_ctx)
         unit = forward_seconds(bridge, task.clean)
+        edges.edge_attribution(bridge, task)  # warm-up (first-call allocations), as forward_seconds has
         eap, t_eap = timed(lambda b=bridge, t=task: edges.edge_attribution(b, t))
         _, t_ig = timed(lambda b=bridge, t=task: edges.edge_attribution(b, t, ig_steps=5))
         n_edges = int(np.isfinite(eap.scores).sum())
