@@ -5,6 +5,7 @@ Marked slow (`pytest -m "not slow"` skips them locally); CI runs them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -20,14 +21,26 @@ from tests.test_models import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_pretrain_defaults_are_what_trained_the_shipped_demo():
-    """`python -m models.demo_training.pretrain` with no flags is what trained `demo` (its training.json)."""
-    from models.demo_training.pretrain import parser
+def test_the_shipped_demo_is_the_defaults_then_the_bos_stage():
+    """`models/demo` is two runs of `python -m models.demo_training.pretrain` (its docstring): the defaults
+    (packed chunks: the induction heads form), then BOS_STAGE continued from that model.  Its training.json
+    records both (the first under "init")."""
+    from models.demo_training.pretrain import BOS_STAGE, parser
 
     report = json.loads((ROOT / "models" / "demo" / "training.json").read_text())
-    defaults = json.loads(json.dumps(vars(parser().parse_args([])), default=str))
-    assert {k: v for k, v in report["train_args"].items() if k != "out"} == {
-        k: defaults[k] for k in report["train_args"] if k != "out"}
+
+    def args(argv):
+        return json.loads(json.dumps(vars(parser().parse_args(argv)), default=str))
+
+    def same(recorded, argv):
+        want = args(argv)
+        assert {k: v for k, v in recorded.items() if k != "out"} == {k: want[k] for k in recorded if k != "out"}
+
+    same(report["init"]["training"]["train_args"], [])
+    same(report["train_args"], [*BOS_STAGE, "--init-from", report["train_args"]["init_from"]])
+    assert report["train_args"]["bos"] and report["train_args"]["induction_steps"] == 0
+    assert len(report["init"]["weights_sha256"]) == 64
+    assert report["tokens_seen"] == 400 * 32 * 256
 
 
 def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
@@ -59,6 +72,9 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     copy = load_hf(str(again))[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
+    init = json.loads((again / "training.json").read_text())["init"]  # what it continued from, recorded
+    assert init["spec"] == str(out) and init["training"] == report
+    assert init["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.
     frozen = tmp_path / "frozen"
     proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(frozen), "--init-from", str(out),
