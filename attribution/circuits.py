@@ -147,6 +147,11 @@ def faithfulness_curves(result: dict) -> go.Figure:
 CIRCUIT_FIGURES = {"circuit_graphs": circuit_graphs, "faithfulness": faithfulness_curves}
 
 
+def circuit_figure(name: str, result: dict, n: int) -> go.Figure:
+    """A CIRCUIT_FIGURES figure of `result` (the graphs drawn with each model's top-n edges)."""
+    return circuit_graphs(result, n) if name == "circuit_graphs" else CIRCUIT_FIGURES[name](result)
+
+
 def circuit_tables(result: dict, n: int) -> dict[str, list[dict]]:
     """The numbers of each circuit figure (its CSV)."""
     return {"circuit_graphs": edges_table(result, n), "faithfulness": faithfulness_table(result)}

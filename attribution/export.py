@@ -2,11 +2,12 @@
 
     python -m attribution.export --ln SPEC --lnfree SPEC --task induction|ioi|custom
         [--prompt TEXT --answer TOK --counterfactual TOK --corrupt TEXT]
-        [--figure NAME|all] --format html|png|svg|csv|json --out PATH
+        [--figure NAME|all] --format html|png|svg|csv|json|zip --out PATH
     python -m attribution.export --from-manifest EXPORTED_FILE --out PATH [--figure NAME|all] [--format FMT]
 
 With --figure all (the default) and a per-figure format, --out is a directory
-that receives one file per figure; with one figure it is the file itself.
+that receives one file per figure; with one figure it is the file itself.  json and zip
+(the app's "Download all": every figure and table in one file) write the file --out.
 Every file carries a manifest of how it was made (attribution.provenance), from which
 --from-manifest makes it again.  A user's mistake ends in one line on stderr and exit code 2.
 """
@@ -25,7 +26,7 @@ from attribution.intervals import interval_rows
 from attribution.results import PairResults, Settings
 from attribution.tables import figure_table, summary_rows, table_csv
 
-FORMATS = ("html", "png", "svg", "csv", "json")
+FORMATS = ("html", "png", "svg", "csv", "json", "zip")  # zip: the app's "Download all"
 CHROMIUM_HINT = ("PNG and SVG export needs a Chrome or Chromium browser for kaleido; install Debian's "
                  "chromium (`apt-get install chromium`) or set BROWSER_PATH to a Chrome binary.")
 
@@ -104,26 +105,36 @@ def figure_file(fig, fmt: str, manifest: dict | None = None) -> bytes:
     return data if manifest is None else provenance.embed(data, fmt, manifest)
 
 
-def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None) -> bytes:
-    """A zip of every figure (HTML, and PNG/SVG when a browser for kaleido is present) with its CSV,
-    the summary table, the agreement numbers' bootstrap intervals, the JSON of all numbers and settings, and the manifest (manifest.json, and inside
-    each figure and the JSON)."""
+def bundle(pair: PairResults, method: str = "atp*", manifest: dict | None = None, circuits: dict | None = None,
+           circuit_edges: int = 20) -> bytes:
+    """A zip of every figure (HTML, and PNG/SVG when a browser for kaleido is present) with its CSV, the
+    summary table, the agreement numbers' bootstrap intervals, the JSON of all numbers and settings, the
+    circuit figures and every edge score when `circuits` is given (their top `circuit_edges` edges drawn),
+    and the manifest (manifest.json, and inside each figure and the JSON)."""
+    from attribution.circuits import CIRCUIT_FIGURES, circuit_figure, circuit_tables
     from attribution.plots import FIGURES
 
     images = image_export_problem() is None
+    # (name, its figure, its table), each made when its files are written
+    figures = [(name, lambda make=make: make(pair, method), lambda name=name: figure_table(name, pair))
+               for name, make in FIGURES.items()]
+    if circuits is not None:
+        tables = circuit_tables(circuits, circuit_edges)
+        figures += [(name, lambda name=name: circuit_figure(name, circuits, circuit_edges),
+                     lambda name=name: tables[name]) for name in CIRCUIT_FIGURES]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         if manifest is not None:
             zf.writestr("manifest.json", json.dumps(manifest, indent=1))
-        zf.writestr("results.json", results_json(pair, manifest))
+        zf.writestr("results.json", results_json(pair, manifest, circuits))
         zf.writestr("summary.csv", table_csv(summary_rows(pair)))
         rows = interval_rows(pair.intervals)
         if rows:
             zf.writestr("agreement_intervals.csv", table_csv(rows))
-        for name, make in FIGURES.items():
-            fig = make(pair, method)
+        for name, make, table in figures:
+            fig = make()
             zf.writestr(f"{name}.html", figure_file(fig, "html", manifest))
-            zf.writestr(f"{name}.csv", table_csv(figure_table(name, pair)))
+            zf.writestr(f"{name}.csv", table_csv(table()))
             if images:
                 for fmt in ("png", "svg"):
                     zf.writestr(f"{name}.{fmt}", figure_file(fig, fmt, manifest))
@@ -137,13 +148,20 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
     `circuit_edges` edges) when `circuits` is given, each file carrying `manifest` when given (JSON, HTML,
     SVG and PNG inside the file; CSV beside it, FILE.manifest.json; a folder of figures also gets
     manifest.json); returns the files written."""
-    from attribution.circuits import CIRCUIT_FIGURES, circuit_tables
+    from attribution.circuits import CIRCUIT_FIGURES, circuit_figure, circuit_tables
     from attribution.plots import FIGURES
 
     if fmt not in FORMATS:
         raise AttributionInputError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if fmt == "json":
         return [write_text(results_json(pair, manifest, circuits), out)]
+    if fmt == "zip":
+        if figure != "all":
+            raise AttributionInputError("--format zip holds every figure; drop --figure or choose another format.")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(bundle(pair, method, manifest, circuits, circuit_edges))
+        return [out]
     extra = CIRCUIT_FIGURES if circuits is not None else {}
     if figure != "all" and figure not in FIGURES and figure not in extra:
         hint = " (the circuit figures need --circuits)" if figure in CIRCUIT_FIGURES else ""
@@ -160,8 +178,7 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
             if side:
                 write_text(side, p.with_name(p.name + ".manifest.json"))
         elif n in extra:
-            fig = extra[n](circuits, circuit_edges) if n == "circuit_graphs" else extra[n](circuits)
-            write_figure(fig, p, fmt, manifest)
+            write_figure(circuit_figure(n, circuits, circuit_edges), p, fmt, manifest)
         else:
             write_figure(FIGURES[n](pair, method), p, fmt, manifest)
     if side and figure == "all":
@@ -276,7 +293,9 @@ def main(argv=None) -> int:
             raise AttributionInputError(f"The {args.figure} figure needs --circuits.")
         if args.ig_steps < 1:
             raise AttributionInputError(f"--ig-steps must be at least 1, not {args.ig_steps}.")
-        check_out(args.out, args.format == "json" or args.figure != "all")
+        if args.format == "zip" and args.figure != "all":
+            raise AttributionInputError("--format zip holds every figure; drop --figure or choose another format.")
+        check_out(args.out, args.format in ("json", "zip") or args.figure != "all")
         problem = image_export_problem() if args.format in ("png", "svg") else None
         if problem:  # found before the analysis, not after it
             raise ExportUnavailable(problem)
