@@ -71,11 +71,18 @@ def edge_mask(L: int, H: int) -> np.ndarray:
     return w[:, None] < r[None, :]
 
 
-def ln_vjp(ln: torch.nn.Module, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def work_dtype(bridge) -> torch.dtype:
+    """The precision edge scores are computed in: the model's, at least float32.  The activations and
+    gradients they come from are the model's own, so more buys nothing there; each score is summed over
+    positions in float64."""
+    return torch.promote_types(bridge.W_U.dtype, torch.float32)
+
+
+def ln_vjp(ln: torch.nn.Module, x: torch.Tensor, u: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
     """d metric / d x for y = ln(x) given d metric / d y = u [..., B, T, d] (broadcast over leading axes),
-    in float64: the LN's vector-Jacobian product at x (affine for an LN-free model's FixedLayerNorm)."""
+    in `dtype`: the LN's vector-Jacobian product at x (affine for an LN-free model's FixedLayerNorm)."""
     # In place on one [..., B, T, d] tensor: the cotangents of 3H readers are the big operand here.
-    x, g = x.to(F64), u.to(F64) * ln.weight.detach().to(F64)
+    x, g = x.to(dtype), u.to(dtype) * ln.weight.detach().to(dtype)
     g.sub_(g.mean(-1, keepdim=True))
     if isinstance(ln, FixedLayerNorm):
         return g.div_(ln.sigma)
@@ -86,14 +93,14 @@ def ln_vjp(ln: torch.nn.Module, x: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     return g.addcmul_(xhat.expand_as(g), dot.expand_as(g), value=-1).div_(sigma)
 
 
-def _writer_outputs(bridge, acts: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Each writer's output [B, T, d] (float64) from a pass's activations, in `writers` order."""
+def _writer_outputs(bridge, acts: dict[str, torch.Tensor], dtype: torch.dtype = F64) -> list[torch.Tensor]:
+    """Each writer's output [B, T, d] (in `dtype`) from a pass's activations, in `writers` order."""
     L = bridge.cfg.n_layers
-    W_O = bridge.W_O.detach().to(F64)
-    out = [acts[hooks.EMBED].to(F64) + acts[hooks.POS_EMBED].to(F64)]
+    W_O = bridge.W_O.detach().to(dtype)
+    out = [acts[hooks.EMBED].to(dtype) + acts[hooks.POS_EMBED].to(dtype)]
     for i in range(L):
-        heads = torch.einsum("bthe,hed->hbtd", acts[hooks.z(i)].to(F64), W_O[i])
-        out += [*heads, acts[hooks.mlp_out(i)].to(F64)]
+        heads = torch.einsum("bthe,hed->hbtd", acts[hooks.z(i)].to(dtype), W_O[i])
+        out += [*heads, acts[hooks.mlp_out(i)].to(dtype)]
     return out
 
 
@@ -101,12 +108,20 @@ def writer_names(L: int) -> list[str]:
     return [hooks.EMBED, hooks.POS_EMBED] + [f(i) for i in range(L) for f in (hooks.z, hooks.mlp_out)]
 
 
-def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor | None):
-    """d (batch-mean metric) / d input of every reader (float64) from one forward and backward pass of
-    `tokens` (with the token embeddings replaced by `embed` when given), in `readers` order, as (layer,
-    [n, B, T, d]): per layer its heads' q, k, v inputs (n = 3H), then its MLP's (n = 1), and last the
-    logits' (layer L).  One layer at a time, so that only one layer's reader gradients are held."""
-    L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+@dataclass
+class _GradPass:
+    """One forward and backward pass: its per-prompt metric, the activations it kept (every LN input; with
+    `writers`, each writer's activation too) and d (batch-mean metric) / d each reader's hooked input."""
+
+    metric: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | None]
+
+
+def _grad_pass(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor | None, writers: bool) -> _GradPass:
+    """The pass behind the reader gradients, of `tokens` (with the token embeddings replaced by `embed` when
+    given).  With `writers` it also keeps the writers' activations, so that EAP's corrupted run is this one."""
+    L = bridge.cfg.n_layers
     acts: dict[str, torch.Tensor] = {}
 
     def leaf(x, hook):  # differentiable even if the weights are frozen
@@ -121,34 +136,53 @@ def _reader_grads(bridge, task: Task, tokens: torch.Tensor, embed: torch.Tensor 
             return acts[name]
         return hook
 
+    def record(name, then=None):  # a writer's activation, as it enters the residual stream
+        def hook(x, hook):
+            acts[name] = x.detach()
+            return then(x, hook) if then else x
+        return hook
+
     wanted = [hooks.FINAL_LN_IN] + [f(i) for i in range(L) for f in (hooks.q, hooks.k, hooks.v)] + \
         [hooks.ln_in(i, "ln2") for i in range(L)]
-    fwd = [(hooks.EMBED, token_embed), (hooks.POS_EMBED, leaf)] + \
-        [(n, keep(n)) for n in wanted + [hooks.resid_pre(i) for i in range(L)]]
-    metric = metric_runs(bridge, task, tokens, fwd, grad=True).mean()
-    grads = dict(zip(wanted, torch.autograd.grad(metric, [acts[n] for n in wanted], allow_unused=True), strict=True))
-    d_head = bridge.cfg.d_head
+    fwd = [(n, keep(n)) for n in wanted + [hooks.resid_pre(i) for i in range(L)]]
+    if writers:
+        fwd += [(hooks.EMBED, record(hooks.EMBED, token_embed)), (hooks.POS_EMBED, record(hooks.POS_EMBED, leaf))]
+        fwd += [(f(i), record(f(i))) for i in range(L) for f in (hooks.z, hooks.mlp_out)]
+    else:
+        fwd += [(hooks.EMBED, token_embed), (hooks.POS_EMBED, leaf)]
+    metric = metric_runs(bridge, task, tokens, fwd, grad=True)
+    grads = torch.autograd.grad(metric.mean(), [acts[n] for n in wanted], allow_unused=True)
+    return _GradPass(metric.detach(), acts, dict(zip(wanted, grads, strict=True)))
+
+
+def _reader_grads(bridge, run: _GradPass, dtype: torch.dtype = F64):
+    """d (batch-mean metric) / d input of every reader (in `dtype`) from one pass, in `readers` order, as
+    (layer, [n, B, T, d]): per layer its heads' q, k, v inputs (n = 3H), then its MLP's (n = 1), and last
+    the logits' (layer L).  One layer at a time, so that only one layer's reader gradients are held."""
+    L, H, d_head = bridge.cfg.n_layers, bridge.cfg.n_heads, bridge.cfg.d_head
+    grads = run.grads
     for i in range(L):
         ln1 = bridge.blocks[i].ln1.original_component
-        x = acts[hooks.resid_pre(i)].detach()
+        x = run.acts[hooks.resid_pre(i)].detach()
         # d metric / d ln1's output along each head's q, k, v path: [H, 3, B, T, d], then through ln1
-        g = torch.stack([_or_zeros(grads[getattr(hooks, c)(i)], x, H, d_head) for c in QKV])  # [3, B, T, H, dh]
-        W = torch.stack([w[i].detach().to(F64) for w in (bridge.W_Q, bridge.W_K, bridge.W_V)])  # [3, H, d, dh]
-        yield i, ln_vjp(ln1, x, torch.einsum("cbthe,chde->hcbtd", g, W).flatten(0, 1))     # [3H, B, T, d]
-        yield i, grads[hooks.ln_in(i, "ln2")].to(F64)[None]
-    yield L, grads[hooks.FINAL_LN_IN].to(F64)[None]
+        g = torch.stack([_or_zeros(grads[getattr(hooks, c)(i)], x, H, d_head, dtype) for c in QKV])  # [3, B, T, H, dh]
+        W = torch.stack([w[i].detach().to(dtype) for w in (bridge.W_Q, bridge.W_K, bridge.W_V)])  # [3, H, d, dh]
+        yield i, ln_vjp(ln1, x, torch.einsum("cbthe,chde->hcbtd", g, W).flatten(0, 1), dtype)     # [3H, B, T, d]
+        yield i, grads[hooks.ln_in(i, "ln2")].to(dtype)[None]
+    yield L, grads[hooks.FINAL_LN_IN].to(dtype)[None]
 
 
-def _or_zeros(g: torch.Tensor | None, x: torch.Tensor, H: int, d_head: int) -> torch.Tensor:
-    """A q / k / v gradient in float64 ([B, T, H, d_head]), zeros where nothing depends on it."""
-    return torch.zeros(x.shape[:2] + (H, d_head), dtype=F64) if g is None else g.to(F64)
+def _or_zeros(g: torch.Tensor | None, x: torch.Tensor, H: int, d_head: int, dtype: torch.dtype) -> torch.Tensor:
+    """A q / k / v gradient in `dtype` ([B, T, H, d_head]), zeros where nothing depends on it."""
+    return torch.zeros(x.shape[:2] + (H, d_head), dtype=dtype) if g is None else g.to(dtype)
 
 
 def score_bytes(bridge, task: Task) -> int:
-    """The memory edge attribution holds at its peak: every writer's change and one layer's reader
-    gradients, float64."""
+    """The memory edge attribution holds at its peak: every writer's output in both runs and their change,
+    and one layer's reader gradients (twice: as computed and laid out for the contraction)."""
     c, (B, T) = bridge.cfg, task.clean.shape
-    return (1 + c.n_layers * (c.n_heads + 1) + 2 * (3 * c.n_heads + 1)) * B * T * c.d_model * 8
+    size = torch.empty((), dtype=work_dtype(bridge)).element_size()
+    return (3 * (1 + c.n_layers * (c.n_heads + 1)) + 2 * (3 * c.n_heads + 1)) * B * T * c.d_model * size
 
 
 def check_memory(bridge, task: Task) -> None:
@@ -165,29 +199,46 @@ def check_memory(bridge, task: Task) -> None:
 
 def edge_attribution(bridge, task: Task, ig_steps: int = 1) -> EdgeScores:
     """Every edge's score (see the module docstring): EAP with ig_steps = 1, EAP-IG with more (the reader
-    gradients averaged over the inputs corrupt + k / ig_steps (clean - corrupt), k = 1..ig_steps)."""
+    gradients averaged over the inputs corrupt + k / ig_steps (clean - corrupt), k = 1..ig_steps).
+
+    Cost: a clean pass and one forward and backward pass per step (EAP takes the corrupted writers' outputs
+    from its gradient pass; EAP-IG needs a corrupted pass more).  Each writer's change meets each reader's
+    gradient position by position in the model's precision (at least float32) and is summed over positions
+    in float64."""
     if task.corrupt is None:
         raise AttributionInputError("Edge attribution needs a corrupted prompt.")
     if ig_steps < 1:
         raise AttributionInputError(f"EAP-IG needs at least 1 step, not {ig_steps}.")
     check_memory(bridge, task)
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
+    dtype = work_dtype(bridge)
     clean_metric, clean = capture(bridge, task.clean, writer_names(L), task)
-    corrupt_metric, corrupt = capture(bridge, task.corrupt, writer_names(L), task)
+    first = None
+    if ig_steps == 1:
+        first = _grad_pass(bridge, task, task.corrupt, None, writers=True)
+        corrupt_metric, corrupt = first.metric, first.acts
+    else:
+        corrupt_metric, corrupt = capture(bridge, task.corrupt, writer_names(L), task)
     norm = normaliser(clean_metric.mean().item(), corrupt_metric.mean().item())
-    deltas = torch.stack([(a - b).flatten() for a, b in zip(_writer_outputs(bridge, clean),
-                                                            _writer_outputs(bridge, corrupt), strict=True)])
+    # [B * T, n_writers, d]: positions first, so that each position's writers meet its readers' gradients
+    deltas = torch.stack([(a - b).flatten(0, 1) for a, b in zip(_writer_outputs(bridge, clean, dtype),
+                                                                _writer_outputs(bridge, corrupt, dtype), strict=True)],
+                         dim=1)
     e_clean, e_corrupt = clean[hooks.EMBED], corrupt[hooks.EMBED]
+    del clean, corrupt
     R = len(readers(L, H))
-    total = torch.zeros(len(deltas), R, dtype=F64)
+    total = torch.zeros(deltas.shape[1], R, dtype=F64)
     for k in range(1, ig_steps + 1):
-        embed = None if ig_steps == 1 else e_corrupt + k / ig_steps * (e_clean - e_corrupt)
-        start = 0
-        for layer, g in _reader_grads(bridge, task, task.corrupt, embed):
+        run = first if first is not None else _grad_pass(
+            bridge, task, task.corrupt, e_corrupt + k / ig_steps * (e_clean - e_corrupt), writers=False)
+        first, start = None, 0
+        for layer, g in _reader_grads(bridge, run, dtype):
             # Scores are linear in the gradients; only the writers up to this layer's MLP can feed its readers.
-            w = min(len(deltas), 1 + (layer + 1) * (H + 1))
-            total[:w, start:start + len(g)] += deltas[:w] @ g.flatten(1).T
+            w = min(deltas.shape[1], 1 + (layer + 1) * (H + 1))
+            per_position = torch.bmm(deltas[:, :w], g.flatten(1, 2).permute(1, 2, 0))  # [B * T, w, n]
+            total[:w, start:start + len(g)] += per_position.sum(0, dtype=F64)
             start += len(g)
+        del run
     scores = np.where(edge_mask(L, H), total.numpy() / ig_steps / norm, np.nan)
     return EdgeScores([x for x, _ in writers(L, H)], [x for x, _ in readers(L, H)], scores,
                       "EAP" if ig_steps == 1 else f"EAP-IG ({ig_steps} steps)")

@@ -202,3 +202,19 @@ def test_edge_attribution_that_would_not_fit_is_one_sentence(model, monkeypatch)
                              bridge.cfg.n_ctx)
     with pytest.raises(AttributionInputError, match="needs a corrupted prompt"):
         edges.edge_attribution(bridge, no_corrupt)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_edge_scores_in_the_models_precision_match_float64(tiny_ln_dir, dtype, tol):
+    """Scores are computed in the model's precision (at least float32) and summed over positions in float64:
+    on a float32 or bfloat16 model they are the float64 model's to that precision (tol x the largest |score|)."""
+    want = None
+    for d in ("float64", dtype):
+        m = load_bridge(str(tiny_ln_dir), d)
+        task = tasks.build(m.bridge.tokenizer, SETTINGS, m.bridge.cfg.n_ctx)
+        got = edges.edge_attribution(m.bridge, task).scores
+        assert got.dtype == np.float64 and np.isfinite(got).sum() == edges.edge_mask(2, m.bridge.cfg.n_heads).sum()
+        if want is None:
+            want = got
+    finite = np.isfinite(want)
+    assert np.abs(got[finite] - want[finite]).max() <= tol * np.abs(want[finite]).max()
