@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate on (default 262144)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the smallest model context, max 1024)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bos", action="store_true", help="start every chunk with <|endoftext|> (as lnfree.remove --bos 1)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every chunk with <|endoftext|> (as lnfree.remove --bos 1); default: on the demo "
+                        "corpus, on which the demo models were trained so, else off (packed, as the paper)")
     p.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     p.add_argument("--threads", type=int)
     return p
@@ -68,7 +70,7 @@ def default_source(infos) -> str:
 
 
 def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | None = None,
-             batch_size: int = 8, bos: bool = False) -> dict:
+             batch_size: int = 8, bos: bool | None = None) -> dict:
     loaded = [load_hf(s) for s in specs]
     tok = loaded[0][1]
     for (_, t, info) in loaded[1:]:
@@ -76,6 +78,7 @@ def evaluate(specs: list[str], source: str | None, tokens: int, n_ctx: int | Non
             raise ModelSpecError(f"{info.spec!r} uses a different tokenizer from {specs[0]!r}; compare models "
                                  f"that share one tokenizer.")
     source = source or default_source([i for _, _, i in loaded])
+    bos = source == "demo" if bos is None else bos
     shortest = min(m.config.n_positions for m, _, _ in loaded)
     if n_ctx and n_ctx > shortest:
         raise UserError(f"--n-ctx {n_ctx} exceeds the context of the models ({shortest} tokens); lower --n-ctx.")
@@ -110,7 +113,8 @@ def format_table(result: dict) -> str:
         med = f"{r['ce_median']:.4f} (+{r['ce_median'] - best_med:.4f})"
         ind = f"{r['induction_first']:.2f} -> {r['induction_second']:.2f}"
         lines.append(f"{r['spec']:<{w}}  {'yes' if r['ln_free'] else 'no':<7}  {mean:<18}  {med:<18}  {ind}")
-    lines.append(f"{rows[0]['tokens']:,} tokens of {result['data']} per model, context {result['n_ctx']}; "
+    lines.append(f"{rows[0]['tokens']:,} tokens of {result['data']} per model, context {result['n_ctx']}, "
+                 f"{'each chunk starting with <|endoftext|>' if result['bos'] else 'packed chunks (no BOS)'}; "
                  f"(+gap) to the best model; induction: mean loss on the first and second copy of "
                  f"repeated random tokens")
     buckets = list(rows[0]["ce_by_position"])

@@ -23,7 +23,7 @@ def test_demo_model_size_and_quality():
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (4, 256, 4, 256, 8192)
     assert not info.ln_free and info.twin == "demo-lnfree"
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    held = pack(tok(load_passages("heldout"))["input_ids"], eot, cfg.n_positions)
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, cfg.n_positions, bos=True)  # as it was trained
     ce = token_losses(model, held, batch_size=64).mean().item()
     assert ce < math.log(cfg.vocab_size) - 3.0  # far better than uniform (9.01 nats)
     assert ce == pytest.approx(report["heldout_ce"], abs=1e-3)  # the README's number
@@ -41,7 +41,8 @@ def test_demo_lnfree_is_ln_free_and_keeps_induction():
     assert info.ln_free and info.base == "demo" and set(info.sigmas) == {
         *(f"blocks.{i}.ln{k}" for i in range(4) for k in (1, 2)), "ln_final"}
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    held = pack(tok(load_passages("heldout"))["input_ids"], eot, model.config.n_positions)
+    assert run["recipe"]["bos"] == 1  # removed on chunks that start with EOT, as the base was trained
+    held = pack(tok(load_passages("heldout"))["input_ids"], eot, model.config.n_positions, bos=True)
     assert token_losses(model, held, batch_size=64).mean().item() == pytest.approx(run["heldout_ce_final"], abs=1e-3)
     ind = induction_losses(model, model.config.vocab_size, bos_id=eot)
     assert ind["second_copy"] < ind["first_copy"] - 5

@@ -221,6 +221,7 @@ def test_evaluate_table_and_json(tmp_path, baseline, tiny_ln_dir, text_data):
     assert [m["spec"] for m in result["models"]] == [str(tiny_ln_dir), str(baseline)]
     assert "(+0.0000)" in proc.stdout
     assert "CE by position" in proc.stdout and "16-63" in proc.stdout
+    assert result["bos"] is False and "packed chunks (no BOS)" in proc.stdout  # a text file: the paper's packing
     # Independent check: transformers' own loss on the same held-out text.
     from lnfree.data import documents
     from lnfree.quality import induction_losses  # its slicing is checked in test_models
@@ -288,6 +289,24 @@ def test_dry_run_knows_released_shapes_and_the_demo_by_path(tmp_path):
     assert default_source([NS(spec=str(MODELS_DIR / "demo"), base=None),
                            NS(spec="/tmp/twin", base="demo")]) == "demo"
     assert default_source([NS(spec=str(MODELS_DIR / "demo"), base=None), NS(spec="gpt2", base=None)]) == "openwebtext"
+
+
+def test_evaluate_reads_the_demo_corpus_in_bos_chunks_unless_told():
+    """The demo pair is trained on chunks that start with <|endoftext|>: evaluating on its corpus does the same
+    by default; --no-bos gives the packed chunks (the paper's protocol, the default elsewhere)."""
+
+    from lnfree.data import documents, tokenize_chunks
+    from lnfree.evaluate import evaluate
+    from lnfree.quality import token_losses
+    from models import load_hf
+
+    model, tok, _ = load_hf("demo")
+    for bos, first in ((None, True), (False, False)):
+        result = evaluate(["demo"], None, 2048, batch_size=8, bos=bos)
+        assert result["bos"] is first and result["data"] == "demo"
+        chunks = tokenize_chunks(documents("demo", "heldout"), tok, 256, 2048, bos=first)
+        assert bool((chunks[:, 0] == tok.eos_token_id).all()) is first
+        assert result["models"][0]["ce_mean"] == pytest.approx(token_losses(model, chunks).mean().item(), abs=1e-5)
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_ln_dir, text_data, baseline):

@@ -32,6 +32,14 @@ BOS_PROTOCOLS = {
 DEFAULT_BOS = "packed"
 
 
+def default_bos(ln_spec: str) -> str:
+    """The protocol a pair is analysed with unless asked otherwise: the paper's packed chunks, except for the
+    demo pair, which is trained on chunks that start with <|endoftext|>."""
+    from models.registry import demo_name
+
+    return "prepend" if demo_name(ln_spec) else DEFAULT_BOS
+
+
 class FindingsInputError(AttributionInputError):
     """Bad tokens or settings for a findings analysis; the message is one sentence for the user."""
 

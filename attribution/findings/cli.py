@@ -28,9 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-seq", type=int, default=64, help="held-out sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's n_ctx)")
     p.add_argument("--source", default="demo", help="held-out text: `demo` or a UTF-8 text file (default demo)")
-    p.add_argument("--bos", default="packed",
-                   help="how each sequence begins: `packed` chunks with no BOS (default, the paper's code) or "
-                        "`prepend` <|endoftext|> (as the app's prompts)")
+    p.add_argument("--bos", default=None,
+                   help="how each sequence begins: `packed` chunks with no BOS (the paper's code) or `prepend` "
+                        "<|endoftext|> (as the app's prompts); default: prepend for the demo pair, which was "
+                        "trained so, packed otherwise")
     p.add_argument("--variants", action="store_true",
                    help="also compute our variants of the findings (JSON keys in settings.variants)")
     p.add_argument("--k", type=int, default=3, help="confidence-neuron candidates to ablate (default 3, the paper's)")
@@ -48,6 +49,10 @@ def check_args(args: argparse.Namespace) -> None:
     from attribution.findings import FindingsInputError
     from attribution.findings.base import check_bos
 
+    if args.bos is None:
+        from attribution.findings.base import default_bos
+
+        args.bos = default_bos(args.ln)
     check_bos(args.bos)
     if args.n_seq < 1:
         raise FindingsInputError("--n-seq must be at least 1.")

@@ -99,6 +99,20 @@ def test_cli_writes_json_and_figures(tiny_ln_dir, tiny_lnfree_dir, tmp_path, cap
         assert "Plotly.newPlot" in html and len(html) > 1_000_000   # plotly.js embedded: works offline
 
 
+def test_cli_analyses_the_demo_pair_with_bos_by_default(tmp_path, capsys):
+    """The demo pair was trained on chunks that start with <|endoftext|>, so its default protocol is prepend
+    (the paper's packed chunks stay the default for other models, above)."""
+    from attribution.findings import cli as findings_cli
+    from attribution.findings.base import default_bos
+
+    assert default_bos("demo") == "prepend" and default_bos("gpt2") == "packed"
+    out = tmp_path / "demo.json"
+    rc = findings_cli.main(["--ln", "demo", "--lnfree", "demo-lnfree", "--n-seq", "1", "--seq-len", "16", "--k", "1",
+                            "--out", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["settings"]["bos"] == "prepend"
+    assert capsys.readouterr().out.splitlines()[0].startswith("BOS protocol: prepend")
+
+
 def test_cli_bos_prepend_and_variants(tiny_ln_dir, tiny_lnfree_dir, tmp_path, capsys):
     from attribution.findings import cli as findings_cli
 
