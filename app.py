@@ -19,8 +19,16 @@ import sys
 import time
 from functools import partial
 
-import pandas as pd
 import streamlit as st
+
+# The page shell first: on a cold start the imports below (torch, transformers, TransformerLens, plotly) take
+# seconds, once per server process; the browser shows this meanwhile instead of a blank page.
+st.set_page_config(page_title="lnfree workbench", layout="wide")
+_starting = st.empty() if "attribution.report" not in sys.modules else None
+if _starting is not None:
+    _starting.info("Starting the workbench: importing torch, transformers and TransformerLens (once per server).")
+
+import pandas as pd
 import torch
 
 from attribution import (
@@ -45,6 +53,7 @@ from attribution.circuits import (
     pair_circuits,
 )
 from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
+from attribution.findings.base import default_bos
 from attribution.findings.plots import FINDINGS_FIGURES
 from attribution.jobs import LRU, PairJob
 from attribution.report import STAGE_TEXT
@@ -54,15 +63,16 @@ from models import PAIRS, ModelSpecError, load_bridge
 from models.loading import DTYPES
 from models.registry import VANILLA
 
-st.set_page_config(page_title="lnfree workbench", layout="wide")
+if _starting is not None:
+    _starting.empty()
 
 CUSTOM_PAIR = "Custom (hub names or local directories)"
 PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
 DEFAULT_PAIR = "demo  |  demo-lnfree"
 TASK_HELP = {
     "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt). The preset: both demo "
-              "models copy the name that followed 'said unto' before (a copy behaviour, not IOI); swapping the "
-              "names flips it.",
+              "models copy the name that followed 'David said unto' before (a copy behaviour, like induction); "
+              "in the corrupted prompt that name is Moses, and both then prefer ' Moses'.",
     "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
     "ioi": "Indirect object identification; corrupted: the names swapped. The demo pair has no IOI circuit "
            "(its metric stays near 0): use GPT-2 for this task.",
@@ -131,13 +141,12 @@ def get_job(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: S
     return job
 
 
-def wait_for_numbers(job: PairJob) -> None:
-    """Block (with a progress bar) until the first stage is done, the page has nothing to show before,
-    and then up to SHORT_S more: an analysis done by then is drawn once, complete (each redraw of the
-    page costs about a second)."""
-    bar = st.progress(0.0, text="Computing predictions and DLA...")
-    done = None
-    while job.running and not job.cancelled and (done is None or time.monotonic() - done < SHORT_S):
+def wait_for(job: PairJob, grace: float, text: str) -> None:
+    """Block (with a progress bar) until the job has a first stage done and then up to `grace` seconds
+    more for the rest (or until it stops)."""
+    bar = st.progress(0.0, text=text)
+    done = time.monotonic() if job.stage is not None else None
+    while job.running and not job.cancelled and (done is None or time.monotonic() - done < grace):
         job.wait(0.05)
         bar.progress(*progress_args(job))
         if done is None and job.stage is not None:
@@ -269,36 +278,44 @@ def sidebar() -> tuple[str, str, str, str, Settings, str, str, tuple[str, str] |
     return ln_spec, lnfree_spec, dtype, device, settings, method, left, third
 
 
-def export_manifest(pair: PairResults, ctx: tuple, figure_name: str, fmt: str) -> dict:
-    """The manifest of one download (attribution.provenance), made when it is clicked."""
+def export_manifest(pair: PairResults, ctx: tuple, figure_name: str, fmt: str, circuits: dict | None = None) -> dict:
+    """The manifest of one download (attribution.provenance), made when it is clicked; `circuits` records the
+    edge attribution it holds ({"ig_steps", "edges"})."""
     ln_spec, lnfree_spec, dtype, device, method = ctx
     return provenance.manifest(pair, get_model(ln_spec, dtype, device), get_model(lnfree_spec, dtype, device),
                                method=method, dtype=dtype, device=device, figure=figure_name, fmt=fmt,
-                               out=f"{figure_name}.{fmt}")
+                               out=f"{figure_name}.{fmt}", circuits=circuits)
 
 
-def figure_download(fig, fmt: str, pair: PairResults | None, ctx: tuple | None, name: str) -> bytes:
+def figure_download(fig, fmt: str, pair: PairResults | None, ctx: tuple | None, name: str,
+                    circuits: dict | None = None) -> bytes:
     if pair is None or ctx is None:  # attention and findings figures: not an attribution.export figure
         return exporting.figure_bytes(fig, fmt)
-    return exporting.figure_file(fig, fmt, export_manifest(pair, ctx, name, fmt))
+    return exporting.figure_file(fig, fmt, export_manifest(pair, ctx, name, fmt, circuits))
 
 
-def bundle_download(pair: PairResults, ctx: tuple) -> bytes:
-    return exporting.bundle(pair, ctx[-1], export_manifest(pair, ctx, "all", "zip"))
+def bundle_download(pair: PairResults, ctx: tuple, shown: tuple[dict, dict] | None) -> bytes:
+    """Everything of the view in one zip, with the circuits when they were found for this view."""
+    if shown is None:
+        return exporting.bundle(pair, ctx[-1], export_manifest(pair, ctx, "all", "zip"))
+    found, record = shown
+    return exporting.bundle(pair, ctx[-1], export_manifest(pair, ctx, "all", "zip", record), found, record["edges"])
 
 
-def download_row(fig, name: str, table: list[dict] | None, key: str, pair: PairResults | None = None) -> None:
-    """HTML / PNG / SVG of a figure (with the manifest of how it was made, for the analysis's figures) and
-    the CSV of its numbers; the files are made on click."""
+def download_row(fig, name: str, table: list[dict] | None, key: str, pair: PairResults | None = None,
+                 circuits: dict | None = None) -> None:
+    """HTML / PNG / SVG of a figure (with the manifest of how it was made, for the analysis's and the
+    circuits' figures: `circuits` records the edge attribution) and the CSV of its numbers; the files are
+    made on click."""
     ctx = st.session_state.get("export_ctx") if pair is not None else None
     cols = st.columns(4)
-    cols[0].download_button("HTML", partial(figure_download, fig, "html", pair, ctx, name), f"{name}.html",
-                            "text/html", key=f"{key}-html", on_click="ignore")
+    cols[0].download_button("HTML", partial(figure_download, fig, "html", pair, ctx, name, circuits),
+                            f"{name}.html", "text/html", key=f"{key}-html", on_click="ignore")
     problem = exporting.image_export_problem()
     for col, fmt, mime in ((cols[1], "png", "image/png"), (cols[2], "svg", "image/svg+xml")):
-        col.download_button(fmt.upper(), partial(figure_download, fig, fmt, pair, ctx, name), f"{name}.{fmt}",
-                            mime, key=f"{key}-{fmt}", on_click="ignore", disabled=problem is not None,
-                            help=problem)
+        col.download_button(fmt.upper(), partial(figure_download, fig, fmt, pair, ctx, name, circuits),
+                            f"{name}.{fmt}", mime, key=f"{key}-{fmt}", on_click="ignore",
+                            disabled=problem is not None, help=problem)
     if table:
         cols[3].download_button("CSV", partial(table_csv, table), f"{name}.csv", "text/csv",
                                 key=f"{key}-csv", on_click="ignore")
@@ -358,8 +375,15 @@ def get_circuits(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settin
     return result_store()["circuits"].get((ln_spec, lnfree_spec, dtype, device, settings, ig_steps), compute)
 
 
-def circuits_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str, settings: Settings) -> None:
-    """Edge attribution and circuit faithfulness on both models; run on request, cached."""
+def circuits_json_download(pair: PairResults, found: dict, record: dict) -> bytes:
+    manifest = export_manifest(pair, st.session_state["export_ctx"], "all", "json", record)
+    return json.dumps({**circuits_json(found), "manifest": manifest}, allow_nan=False).encode()
+
+
+def circuits_panel(pair: PairResults, ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
+    """Edge attribution and circuit faithfulness on both models; run on request, cached.  What is shown is
+    kept for the zip (session_state["circuits_shown"]: the view it belongs to, the result, its record)."""
+    settings = pair.settings
     if settings.task == "custom" and not settings.corrupt:
         st.info("No corrupted prompt: edge attribution needs one (the sidebar's 'Corrupted prompt').")
         return
@@ -376,6 +400,8 @@ def circuits_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str, sett
         return
     with st.spinner("Edge attribution and faithfulness on both models..."):
         result = get_circuits(*want)
+    record = {"ig_steps": steps, "edges": n}  # the manifest's record: --circuits --ig-steps --circuit-edges
+    st.session_state["circuits_shown"] = (want[:-1], result, record)
     agree = result.get("agreement")
     if agree:
         st.caption(f"{result['method']}: LN against LN-free edge scores over {agree['n']} edges: Spearman "
@@ -384,19 +410,20 @@ def circuits_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str, sett
     fig = circuit_graphs(result, n)
     st.plotly_chart(fig, key="fig-circuit-graphs")
     table = edges_table(result, n)
-    download_row(fig, "circuit_graphs", table, key="circuit-graphs")
+    download_row(fig, "circuit_graphs", table, key="circuit-graphs", pair=pair, circuits=record)
     st.dataframe(pd.DataFrame(table), hide_index=True, key="circuit-edges")
     fig = faithfulness_curves(result)
     st.plotly_chart(fig, key="fig-faithfulness")
-    download_row(fig, "faithfulness", faithfulness_table(result), key="faithfulness")
-    st.download_button("Circuits JSON (every edge score)", json.dumps(circuits_json(result)), "circuits.json",
-                       "application/json", on_click="ignore", key="circuits-json")
+    download_row(fig, "faithfulness", faithfulness_table(result), key="faithfulness", pair=pair, circuits=record)
+    st.download_button("Circuits JSON (every edge score)", partial(circuits_json_download, pair, result, record),
+                       "circuits.json", "application/json", on_click="ignore", key="circuits-json")
 
 
 def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> None:
     """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
     cols = st.columns([2, 2, 1, 1])
     n_seq = cols[0].slider("Held-out sequences", 4, 128, 32, key="findings_n_seq")
+    st.session_state.setdefault("findings_bos", default_bos(ln_spec))  # the demo pair was trained with BOS
     bos = cols[1].radio("First token", list(BOS_PROTOCOLS), key="findings_bos", help="; ".join(
         f"{name}: {what}" for name, what in BOS_PROTOCOLS.items()), horizontal=True)
     if cols[2].button("Run dataset analyses", key="findings_run"):
@@ -443,16 +470,30 @@ def main() -> None:
     except USER_ERRORS as err:
         st.error(str(err))
         st.stop()
-    with status:
-        wait_for_numbers(job)
+    with status:  # the page has nothing to show before the first stage
+        wait_for(job, 0.0, "Computing predictions and DLA...")
     pair = job.results
     if pair is None:  # failed or cancelled before the first numbers
         with status:
             job_state(job, None)
         return
+    numbers(pair)  # sent to the browser at once, before any figure
+    with status:  # an analysis done within SHORT_S is drawn once, complete (each redraw costs about a second)
+        wait_for(job, SHORT_S, "Computing attribution patching...")
+    pair = job.results
     panels(pair, method, ln_spec, lnfree_spec, dtype, device, third)
     with status:  # last: the page above is complete as far as the analysis has gone
         job_state(job, pair.ln.stage)
+
+
+def numbers(pair: PairResults) -> None:
+    """The first stage's numbers, drawn before anything else: predictions, the metric and DLA's error."""
+    section("1. Predictions")
+    predictions(pair)
+    section("2. Direct logit attribution")
+    m = st.columns(2)
+    m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
+    m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
 
 
 def section(title: str) -> None:
@@ -462,14 +503,9 @@ def section(title: str) -> None:
 
 def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str,
            third: tuple[str, str] | None = None) -> None:
-    """Every panel, each as complete as the analysis's stage allows (later stages' panels say so)."""
+    """Every panel below numbers(), each as complete as the analysis's stage allows (later stages' panels
+    say so)."""
     st.session_state["export_ctx"] = (ln_spec, lnfree_spec, dtype, device, method)  # for the manifests
-    section("1. Predictions")
-    predictions(pair)
-    section("2. Direct logit attribution")
-    m = st.columns(2)
-    m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
-    m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
     figure(pair, method, "dla_heads")
     figure(pair, method, "dla_layers")
     figure(pair, method, "dla_vs_de", "Each point is a head: frozen-scale DLA against the change in the metric "
@@ -486,14 +522,20 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
     section("6. Where the twins differ")
     twins_panel(pair)
     section("7. Circuits")
-    circuits_panel(ln_spec, lnfree_spec, dtype, device, pair.settings)
+    circuits_panel(pair, ln_spec, lnfree_spec, dtype, device)
     section("8. Summary")
     summary = summary_rows(pair, three_way(pair, third, dtype, device))
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
     cols[0].download_button("Summary CSV", table_csv(summary), "summary.csv", "text/csv", on_click="ignore")
-    cols[1].download_button("Download all (zip)", partial(bundle_download, pair, st.session_state["export_ctx"]),
-                            "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all")
+    shown = st.session_state.get("circuits_shown")
+    with_circuits = shown[1:] if shown and shown[0] == (ln_spec, lnfree_spec, dtype, device, pair.settings) else None
+    cols[1].download_button("Download all (zip)", partial(bundle_download, pair, st.session_state["export_ctx"],
+                                                          with_circuits),
+                            "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all",
+                            help="Every figure (HTML, PNG, SVG) with its CSV, the JSON of all numbers and the "
+                                 "manifest" + (", and the circuits of section 7" if with_circuits else
+                                               "; the circuits too once section 7 has found them"))
     section("9. Dataset-level findings")
     findings_panel(ln_spec, lnfree_spec, dtype, device)
     with attention:

@@ -27,11 +27,11 @@ IOI_TEMPLATE = "When {io} and {s} went to the {place}, {s2} gave a {obj} to"
 
 
 # The app's default custom task, a line in the style of the demo's corpus (KJV + Shakespeare): both demo
-# models predict " Aaron", copying the name that followed "said unto" before (a copy behaviour, like the
-# induction task's, not IOI, whose answer would be " Moses"); swapping the names flips it in both.
-PRESET = {"prompt": "And Moses said unto Aaron, Take thy rod, and stretch out thine hand. And Aaron said unto",
-          "answer": " Aaron", "counterfactual": " Moses",
-          "corrupt": "And Aaron said unto Moses, Take thy rod, and stretch out thine hand. And Moses said unto"}
+# models predict " Saul", copying the name that followed "David said unto" before (a copy behaviour, like
+# the induction task's); with " Moses" there instead, both prefer " Moses" (the metric changes sign).
+PRESET = {"prompt": "And David said unto Saul, Take thy rod, and stretch out thine hand. And David said unto",
+          "answer": " Saul", "counterfactual": " Moses",
+          "corrupt": "And David said unto Moses, Take thy rod, and stretch out thine hand. And David said unto"}
 
 @dataclass
 class Task:

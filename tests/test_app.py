@@ -183,6 +183,11 @@ def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir, bos):
         assert shown[column].tolist() == pytest.approx([r[column] for r in expected], rel=1e-5, nan_ok=True)
 
 
+def zip_help(at: AppTest) -> str:
+    """The help text of the summary's "Download all (zip)" button (it says whether the circuits are in it)."""
+    return next(b.proto.help for b in at.get("download_button") if b.proto.label == "Download all (zip)")
+
+
 def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     from attribution.circuits import edges_table, pair_circuits
 
@@ -190,6 +195,7 @@ def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
                            seq_len=6, circuits_edges=5).run())
     assert_complete(at)
     assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)  # on request only
+    assert "once section 7 has found them" in zip_help(at)
     complete(at.button(key="circuits_run").click().run())
     assert not at.exception and not at.error
     settings = Settings(task="induction", n_prompts=2, seq_len=6, per_position=False)
@@ -198,6 +204,11 @@ def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     assert shown["writer"].tolist() == [r["writer"] for r in want]
     assert shown["score"].tolist() == pytest.approx([r["score"] for r in want], rel=1e-5)
     assert any(c.value.startswith("EAP: LN against LN-free edge scores") for c in at.main.caption)
+    # What is shown goes into the zip ("Download all") with its record for the manifest.
+    view_key, found, record = at.session_state["circuits_shown"]
+    assert view_key[-1] == settings and record == {"ig_steps": 1, "edges": 5}
+    assert edges_table(found, 5) == want
+    assert "and the circuits of section 7" in zip_help(at)
     at.radio(key="circuits_method").set_value("EAP-IG").run()  # a new method: on request again
     assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)
     complete(at.button(key="circuits_run").click().run())

@@ -113,9 +113,9 @@ def test_app_in_chromium(served_app, tmp_path):
         # A new prompt: its predictions and DLA replace the old ones, then the rest follows.
         page.goto(served_app + "/?task=custom")
         prompt = page.get_by_label("Prompt", exact=True)
-        prompt.fill("And Moses spake unto Aaron, Take thy rod, and stretch out thine hand. And Aaron said unto")
+        prompt.fill("And David spake unto Saul, Take thy rod, and stretch out thine hand. And David said unto")
         prompt.press("Control+Enter")  # as long as the preset's corrupted prompt (20 tokens)
-        expect(page.get_by_text("And Moses spake unto Aaron", exact=False)).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("And David spake unto Saul", exact=False)).to_be_visible(timeout=120_000)
         expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
             timeout=120_000)
         assert page.locator("[data-testid='stException']").count() == 0
