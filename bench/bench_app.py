@@ -93,7 +93,9 @@ def demo(browser) -> dict:
         wait_complete(page)
         prompt = page.get_by_label("Prompt", exact=True)
         numbers, complete = [], []
-        for text in ("In the beginning God created the sea and the", "In the beginning God created the land and the"):
+        # As long as the preset's corrupted prompt (20 tokens), so that every panel can be drawn.
+        for text in ("And David said unto Saul, Take thy staff, and stretch out thine hand. And David said unto",
+                     "And David said unto Saul, Take thy rod, and stretch out thine arm. And David said unto"):
             prompt.fill(text)
             t = time.perf_counter()
             prompt.press("Control+Enter")
