@@ -100,18 +100,21 @@ def test_circuits_export_and_come_back_from_their_manifest(tiny_ln_dir, tiny_lnf
 
 
 def test_the_zip_holds_the_circuits_and_comes_back_from_its_manifest(tiny_ln_dir, tiny_lnfree_dir, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     """`--format zip` (the app's "Download all") with --circuits: the circuit figures and their CSVs beside
     the others, every edge score in results.json, the manifest recording them; the zip's own manifest makes
-    the same zip's numbers again."""
+    the same zip's numbers again.  In process, with PNG / SVG off (test_every_format_carries_the_manifest
+    covers them), so that kaleido does not draw two dozen images."""
+    import csv
+
     from attribution import export as exporting
     from attribution.circuits import edges_table, faithfulness_table
 
-    monkeypatch.setattr(exporting, "image_export_problem", lambda: "no images")  # HTML and CSV: fast
+    monkeypatch.setattr(exporting, "image_export_problem", lambda: "no images")
     first = tmp_path / "all.zip"
-    proc = export_cli("--ln", tiny_ln_dir, "--lnfree", tiny_lnfree_dir, "--task", "induction", "--n-prompts", 2,
-                      "--seq-len", 5, "--circuits", "--circuit-edges", 4, "--format", "zip", "--out", first)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert exporting.main(["--ln", str(tiny_ln_dir), "--lnfree", str(tiny_lnfree_dir), "--task", "induction",
+                           "--n-prompts", "2", "--seq-len", "5", "--circuits", "--circuit-edges", "4",
+                           "--format", "zip", "--out", str(first)]) == 0
     zf = zipfile.ZipFile(first)
     names = set(zf.namelist())
     assert {"manifest.json", "results.json", "summary.csv", "circuit_graphs.html", "circuit_graphs.csv",
@@ -122,8 +125,6 @@ def test_the_zip_holds_the_circuits_and_comes_back_from_its_manifest(tiny_ln_dir
     results = json.loads(zf.read("results.json"))
     assert results["manifest"] == m and results["circuits"]["method"] == "EAP"
     assert provenance.read(tmp_path / "all.zip") == m
-    import csv
-
     rows = list(csv.DictReader(io.StringIO(zf.read("circuit_graphs.csv").decode())))
     want = edges_table(results["circuits"], 4)
     assert len(rows) == len(want) == 8 and [r["writer"] for r in rows] == [r["writer"] for r in want]
@@ -133,16 +134,17 @@ def test_the_zip_holds_the_circuits_and_comes_back_from_its_manifest(tiny_ln_dir
     (tmp_path / "graphs.html").write_bytes(zf.read("circuit_graphs.html"))
     assert provenance.read(tmp_path / "graphs.html")["circuits"]["edges"] == 4
     again = tmp_path / "again.zip"
-    proc = export_cli("--from-manifest", first, "--out", again)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert exporting.main(["--from-manifest", str(first), "--out", str(again)]) == 0
     redo = json.loads(zipfile.ZipFile(again).read("results.json"))
     for side in ("ln", "lnfree"):
         assert redo["circuits"][side]["scores"] == results["circuits"][side]["scores"]
         assert {k: v for k, v in redo[side].items() if k != "cost"} == \
             {k: v for k, v in results[side].items() if k != "cost"}
-    proc = export_cli("--from-manifest", first, "--figure", "atp_heads", "--out", tmp_path / "one.zip")
-    assert proc.returncode == 2 and "--format zip holds every figure" in proc.stderr
-    assert proc.stderr.count("\n") == 1 and not (tmp_path / "one.zip").exists()
+    capsys.readouterr()
+    assert exporting.main(["--from-manifest", str(first), "--figure", "atp_heads", "--out",
+                           str(tmp_path / "one.zip")]) == 2
+    err = capsys.readouterr().err
+    assert "--format zip holds every figure" in err and err.count("\n") == 1 and not (tmp_path / "one.zip").exists()
 
 
 def test_every_format_carries_the_manifest(pair, tmp_path, monkeypatch):  # noqa: F811
