@@ -423,7 +423,7 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
     """Dataset-level analyses over held-out text; run on request, cancellable, cached."""
     cols = st.columns([2, 2, 1, 1])
     n_seq = cols[0].slider("Held-out sequences", 4, 128, 32, key="findings_n_seq")
-    st.session_state.setdefault("findings_bos", default_bos(ln_spec))  # the demo pair was trained with BOS
+    st.session_state.setdefault("findings_bos", default_bos(ln_spec, lnfree_spec))  # the demo pair: BOS
     bos = cols[1].radio("First token", list(BOS_PROTOCOLS), key="findings_bos", help="; ".join(
         f"{name}: {what}" for name, what in BOS_PROTOCOLS.items()), horizontal=True)
     if cols[2].button("Run dataset analyses", key="findings_run"):

@@ -27,6 +27,7 @@ from attribution.results import PairResults, Settings
 from attribution.tables import figure_table, summary_rows, table_csv
 
 FORMATS = ("html", "png", "svg", "csv", "json", "zip")  # zip: the app's "Download all"
+ZIP_HOLDS_ALL = "--format zip holds every figure; drop --figure or choose another format."
 CHROMIUM_HINT = ("PNG and SVG export needs a Chrome or Chromium browser for kaleido; install Debian's "
                  "chromium (`apt-get install chromium`) or set BROWSER_PATH to a Chrome binary.")
 
@@ -157,7 +158,7 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
         return [write_text(results_json(pair, manifest, circuits), out)]
     if fmt == "zip":
         if figure != "all":
-            raise AttributionInputError("--format zip holds every figure; drop --figure or choose another format.")
+            raise AttributionInputError(ZIP_HOLDS_ALL)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(bundle(pair, method, manifest, circuits, circuit_edges))
@@ -293,8 +294,8 @@ def main(argv=None) -> int:
             raise AttributionInputError(f"The {args.figure} figure needs --circuits.")
         if args.ig_steps < 1:
             raise AttributionInputError(f"--ig-steps must be at least 1, not {args.ig_steps}.")
-        if args.format == "zip" and args.figure != "all":
-            raise AttributionInputError("--format zip holds every figure; drop --figure or choose another format.")
+        if args.format == "zip" and args.figure != "all":  # before the analysis, not after it
+            raise AttributionInputError(ZIP_HOLDS_ALL)
         check_out(args.out, args.format in ("json", "zip") or args.figure != "all")
         problem = image_export_problem() if args.format in ("png", "svg") else None
         if problem:  # found before the analysis, not after it

@@ -32,12 +32,13 @@ BOS_PROTOCOLS = {
 DEFAULT_BOS = "packed"
 
 
-def default_bos(ln_spec: str) -> str:
-    """The protocol a pair is analysed with unless asked otherwise: the paper's packed chunks, except for the
-    demo pair, which is trained on chunks that start with <|endoftext|>."""
+def default_bos(*specs: str) -> str:
+    """The protocol a pair is analysed with unless asked otherwise: the paper's packed chunks, except when
+    either model is a demo model, trained on chunks that start with <|endoftext|> (its LN-free twin breaks
+    without one, whatever sits in the LN slot, e.g. a vanilla control)."""
     from models.registry import demo_name
 
-    return "prepend" if demo_name(ln_spec) else DEFAULT_BOS
+    return "prepend" if any(demo_name(s) for s in specs if s) else DEFAULT_BOS
 
 
 class FindingsInputError(AttributionInputError):

@@ -52,7 +52,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.bos is None:
         from attribution.findings.base import default_bos
 
-        args.bos = default_bos(args.ln)
+        args.bos = default_bos(args.ln, args.lnfree)
     check_bos(args.bos)
     if args.n_seq < 1:
         raise FindingsInputError("--n-seq must be at least 1.")

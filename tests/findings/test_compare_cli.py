@@ -106,6 +106,7 @@ def test_cli_analyses_the_demo_pair_with_bos_by_default(tmp_path, capsys):
     from attribution.findings.base import default_bos
 
     assert default_bos("demo") == "prepend" and default_bos("gpt2") == "packed"
+    assert default_bos("/runs/demo-vanilla", "demo-lnfree") == "prepend"  # the twin decides, not the LN slot
     out = tmp_path / "demo.json"
     rc = findings_cli.main(["--ln", "demo", "--lnfree", "demo-lnfree", "--n-seq", "1", "--seq-len", "16", "--k", "1",
                             "--out", str(out)])
