@@ -174,12 +174,22 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
         m = torch.stack([dot(grads, hooks.mlp_out(i), 2) for i in range(L)], dim=1)
         return {"heads_pos": z, "resid": r, "mlp_pos": m}
 
-    def grads_with(drop: int | None) -> dict[str, torch.Tensor]:
+    def grads_with(drop: int | None, full_set: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The gradients with layer `drop`'s dropped.  Given the full set (no drop), the backward starts at
+        the residual entering layer drop + 1, with the full set's gradient there: everything above that
+        layer sees the same gradient with or without the drop (all of a layer's effect on the metric goes
+        through the residual above it), so it is copied, and GradDrop's L backward passes cost about
+        (L + 1) / 2 full ones."""
         for i in range(L):
             keep[i] = 0.0 if i == drop else 1.0
-        inputs = [acts[n] for n in names]
-        gs = torch.autograd.grad(metric, inputs, retain_graph=True, allow_unused=True)
-        return {n: (torch.zeros_like(a) if g is None else g) for n, a, g in zip(names, inputs, gs, strict=True)}
+        wanted, start, g_start = names, metric, None
+        if full_set is not None and drop is not None and drop < L - 1:
+            start = acts[hooks.resid_pre(drop + 1)]
+            wanted, g_start = [n for n in names if hooks.layer_of(n) <= drop], full_set[hooks.resid_pre(drop + 1)]
+        inputs = [acts[n] for n in wanted]
+        gs = torch.autograd.grad(start, inputs, g_start, retain_graph=True, allow_unused=True)
+        out = {n: (torch.zeros_like(a) if g is None else g) for n, a, g in zip(wanted, inputs, gs, strict=True)}
+        return {n: out[n] if n in out else full_set[n] for n in names}
 
     def full(e: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(e, heads=e["heads_pos"].sum(-1), mlp=e["mlp_pos"].sum(-1))
@@ -202,23 +212,27 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
                 for i in range(L)]
     # Gradient set 0 is AtP's; set 1 + l drops layer l's gradient (GradDrop).  Each set keeps its linear
     # estimates, their q/k part, and its pattern gradients for the exact QK term.
-    sets, lin_qk, g_pattern = [], [], []
+    sets, lin_qk, g_pattern, g_full = [], [], [], None
     for drop in [None, *range(L)]:
-        g = grads_with(drop)
+        g = grads_with(drop, g_full)
+        g_full = g if drop is None else g_full
         sets.append(full(estimates(g)))
         lin_qk.append(torch.stack([(g[hooks.q(i)].double() * tangents[i][0]
                                     + g[hooks.k(i)].double() * tangents[i][1]).sum((2, 3)) for i in range(L)],
                                   dim=1))  # [B, L, T]
         g_pattern.append([g[hooks.pattern(i)] for i in range(L)])
-        del g
+    del g, g_full
     keep[:] = [1.0] * L
-    # The exact pattern change of each resid_pre patch, once per layer for every gradient set.
+    # The exact pattern change of each resid_pre patch, once per layer for every gradient set that differs
+    # there: a drop below layer i leaves layer i's gradients as set 0's.
     exact = torch.zeros(len(sets), B, L, T, dtype=torch.float64)
     for i in range(L):
         pairs = tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
                                            clean[hooks.q(i)], clean[hooks.k(i)]))
-        grads = torch.stack([gp[i] for gp in g_pattern]).double()              # [sets, B, H, T, T]
-        exact[:, :, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
+        differ = [0, *range(i + 1, len(sets))]  # set 1 + l drops layer l: it differs from set 0 where l >= i
+        grads = torch.stack([g_pattern[j][i] for j in differ]).double()       # [sets, B, H, T, T]
+        exact[differ, :, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
+        exact[1:i + 1, :, i] = exact[0, :, i]
     plain = dict(sets[0])  # AtP, before the QK fix
     for j, e in enumerate(sets):
         e["resid"] = e["resid"] - lin_qk[j] + exact[j]

@@ -160,7 +160,8 @@ def test_activation_patching_heads_resid_mlp_by_explicit_reruns(setup):
 
 
 def _grads(setup, drop_layer=None):
-    """Gradient of the batch-mean corrupted metric w.r.t. c_proj inputs and block inputs (HF model)."""
+    """Gradient of the batch-mean corrupted metric w.r.t. c_proj inputs, block inputs and attention patterns
+    (HF model, eager attention)."""
     t, blocks = setup.task, setup.hf.transformer.h
     acts, handles = {}, []
 
@@ -179,7 +180,11 @@ def _grads(setup, drop_layer=None):
             for ln in (blk.ln_1, blk.ln_2):
                 handles.append(ln.register_forward_pre_hook(lambda m, a: (a[0].detach(),)))
     try:
-        setup.metric(setup.hf(t.corrupt).logits).mean().backward()
+        out = setup.hf(t.corrupt, output_attentions=True)
+        for i, pattern in enumerate(out.attentions):
+            pattern.retain_grad()
+            acts[("A", i)] = pattern
+        setup.metric(out.logits).mean().backward()
     finally:
         for h in handles:
             h.remove()
@@ -217,6 +222,47 @@ def test_atpstar_graddrop_against_detached_reruns(setup):
     base = _atp_heads(setup, _grads(setup), clean)
     mags = sum(_atp_heads(setup, _grads(setup, drop), clean).abs() for drop in range(setup.L)) / setup.L
     torch.testing.assert_close(setup.atp["star_heads"], torch.sign(base) * mags / norm, atol=1e-5, rtol=1e-4, check_dtype=False)
+
+
+def _pattern(setup, layer, x):
+    """Layer `layer`'s attention pattern [B, H, T, T] for block input x, from the HF weights in plain torch."""
+    blk = setup.hf.transformer.h[layer]
+    B, T, d = x.shape
+    q, k, _ = (blk.ln_1(x) @ blk.attn.c_attn.weight + blk.attn.c_attn.bias).split(d, dim=-1)
+    q, k = (y.view(B, T, setup.H, setup.dh).transpose(1, 2) for y in (q, k))
+    scores = (q @ k.transpose(-1, -2)) / setup.dh ** 0.5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def test_atpstar_resid_qk_fix_and_graddrop_by_definition(setup):
+    """AtP*'s resid_pre estimate from its definition, on the HF model: for each gradient set (no drop, then
+    layer l's ln_1 / ln_2 inputs detached), the linear estimate g . delta with its part through layer i's
+    attention pattern (g_A . J_A delta) replaced by the exact pattern change (g_A . (A(patched) - A)), the
+    pattern recomputed from scratch for each position; AtP* = sign(no drop) x mean over drops of |.|."""
+    t = setup.task
+    clean_m, clean = setup.capture(t.clean)
+    corrupt_m, corrupt = setup.capture(t.corrupt)
+    norm = clean_m.mean() - corrupt_m.mean()
+    T = t.clean.shape[1]
+    sets = [_grads(setup, drop) for drop in [None, *range(setup.L)]]
+    est = torch.zeros(len(sets), setup.L, T)
+    for i in range(setup.L):
+        x, delta = corrupt[("resid", i)], clean[("resid", i)] - corrupt[("resid", i)]
+        a_co = _pattern(setup, i, x)
+        for p in range(T):
+            d_p = torch.zeros_like(delta)
+            d_p[:, p] = delta[:, p]
+            with torch.no_grad():
+                exact = _pattern(setup, i, x + d_p) - a_co
+                _, linear = torch.func.jvp(lambda y, i=i: _pattern(setup, i, y), (x,), (d_p,))
+            for j, g in enumerate(sets):
+                g_resid, g_a = g[("resid", i)][1], g[("A", i)][1]
+                est[j, i, p] = (g_resid * d_p).sum() + (g_a * (exact - linear)).sum()
+    torch.testing.assert_close(setup.atp["qk_resid"], est[0] / norm, atol=1e-5, rtol=1e-4, check_dtype=False)
+    star = torch.sign(est[0]) * est[1:].abs().mean(0) / norm
+    torch.testing.assert_close(setup.atp["star_resid"], star, atol=1e-5, rtol=1e-4, check_dtype=False)
+    assert (setup.atp["star_resid"] - setup.atp["resid"]).abs().max() > 1e-3  # the fixes change something
 
 
 def test_atp_equals_patching_where_the_metric_is_linear(setup):
