@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from attribution import hooks
-from attribution.metric import apply_ln
+from attribution.metric import apply_ln, work_dtype
 from attribution.patching import Baseline, capture, metric_runs, recorder
 from attribution.tasks import Task
 
@@ -113,30 +113,32 @@ def pattern_deltas(q_co, k_co, q_cl, k_cl, positions: range) -> torch.Tensor:
 _FORWARD_AD = threading.Lock()
 
 
-def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """J_q dx and J_k dx [B, T, H, d_head] (float64): the change of layer `layer`'s queries and keys
+def qk_tangents(bridge, layer: int, x: torch.Tensor, dx: torch.Tensor,
+                dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """J_q dx and J_k dx [B, T, H, d_head] (in `dtype`): the change of layer `layer`'s queries and keys
     linearised at its input x [B, T, d] (through its live ln1; affine when LN-free) in direction dx."""
     ln = bridge.blocks[layer].ln1.original_component
-    W_Q, W_K = bridge.W_Q[layer].detach().double(), bridge.W_K[layer].detach().double()
-    b_Q, b_K = bridge.b_Q[layer].detach().double(), bridge.b_K[layer].detach().double()
+    W_Q, W_K = bridge.W_Q[layer].detach().to(dtype), bridge.W_K[layer].detach().to(dtype)
+    b_Q, b_K = bridge.b_Q[layer].detach().to(dtype), bridge.b_K[layer].detach().to(dtype)
 
     def qk(resid):
-        h = apply_ln(ln, resid, torch.float64)
+        h = apply_ln(ln, resid, dtype)
         return (torch.einsum("btd,hde->bthe", h, W_Q) + b_Q, torch.einsum("btd,hde->bthe", h, W_K) + b_K)
 
     with _FORWARD_AD:
-        _, tangents = torch.func.jvp(qk, (x.double(),), (dx.double(),))
+        _, tangents = torch.func.jvp(qk, (x.to(dtype),), (dx.to(dtype),))
     return tangents
 
 
 def _qk_term(dA_fn, g_pattern: torch.Tensor, T: int, B: int, H: int) -> torch.Tensor:
     """Sum over (h, t, s) of dA(p) * dmetric/dpattern for every prompt b and position p, for each of several
-    pattern gradients g_pattern [sets, B, H, T, T] -> [sets, B, T]; dA is computed once, chunked over p."""
+    pattern gradients g_pattern [sets, B, H, T, T] -> [sets, B, T] (float64); dA is computed once, chunked
+    over p, in g_pattern's dtype."""
     step = max(1, CHUNK_ELEMENTS // max(1, B * H * T * T))
     out = []
     for start in range(0, T, step):
         dA = dA_fn(range(start, min(T, start + step)))
-        out.append(torch.einsum("bhpts,kbhts->kbp", dA, g_pattern))
+        out.append(torch.einsum("bhpts,kbhts->kbp", dA, g_pattern).double())
     return torch.cat(out, dim=2)
 
 
@@ -207,8 +209,10 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
             keep_per_prompt(k, v)
         return {k: (v / norm).detach() for k, v in batch(plain).items()}
 
-    # The q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid.
-    tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)])
+    # The q/k change that the linear estimate of a resid_pre patch contains: J_qk . delta_resid.  The QK
+    # fix's large tensors (tangents, pattern changes) are in the model's precision, at least float32.
+    dtype = work_dtype(bridge)
+    tangents = [qk_tangents(bridge, i, acts[hooks.resid_pre(i)].detach(), delta[hooks.resid_pre(i)], dtype)
                 for i in range(L)]
     # Gradient set 0 is AtP's; set 1 + l drops layer l's gradient (GradDrop).  Each set keeps its linear
     # estimates, their q/k part, and its pattern gradients for the exact QK term.
@@ -217,9 +221,8 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
         g = grads_with(drop, g_full)
         g_full = g if drop is None else g_full
         sets.append(full(estimates(g)))
-        lin_qk.append(torch.stack([(g[hooks.q(i)].double() * tangents[i][0]
-                                    + g[hooks.k(i)].double() * tangents[i][1]).sum((2, 3)) for i in range(L)],
-                                  dim=1))  # [B, L, T]
+        lin_qk.append(torch.stack([(g[hooks.q(i)].to(dtype) * tangents[i][0] + g[hooks.k(i)].to(dtype)
+                                    * tangents[i][1]).sum((2, 3)).double() for i in range(L)], dim=1))  # [B, L, T]
         g_pattern.append([g[hooks.pattern(i)] for i in range(L)])
     del g, g_full
     keep[:] = [1.0] * L
@@ -227,10 +230,10 @@ def attribution_patching(bridge, task: Task, star: bool = True, base: Baseline |
     # there: a drop below layer i leaves layer i's gradients as set 0's.
     exact = torch.zeros(len(sets), B, L, T, dtype=torch.float64)
     for i in range(L):
-        pairs = tuple(x.double() for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
-                                           clean[hooks.q(i)], clean[hooks.k(i)]))
+        pairs = tuple(x.to(dtype) for x in (acts[hooks.q(i)].detach(), acts[hooks.k(i)].detach(),
+                                            clean[hooks.q(i)], clean[hooks.k(i)]))
         differ = [0, *range(i + 1, len(sets))]  # set 1 + l drops layer l: it differs from set 0 where l >= i
-        grads = torch.stack([g_pattern[j][i] for j in differ]).double()       # [sets, B, H, T, T]
+        grads = torch.stack([g_pattern[j][i] for j in differ]).to(dtype)      # [sets, B, H, T, T]
         exact[differ, :, i] = _qk_term(lambda ps, a=pairs: pattern_deltas(*a, ps), grads, T, B, H)
         exact[1:i + 1, :, i] = exact[0, :, i]
     plain = dict(sets[0])  # AtP, before the QK fix

@@ -25,7 +25,7 @@ import torch
 
 from attribution import hooks
 from attribution.errors import AttributionInputError
-from attribution.metric import apply_ln
+from attribution.metric import apply_ln, work_dtype
 from attribution.patching import capture, metric_runs, normaliser
 from attribution.tasks import Task
 from models.ln_free import FixedLayerNorm
@@ -69,13 +69,6 @@ def edge_mask(L: int, H: int) -> np.ndarray:
     w = np.array([t for _, t in writers(L, H)])
     r = np.array([t for _, t in readers(L, H)])
     return w[:, None] < r[None, :]
-
-
-def work_dtype(bridge) -> torch.dtype:
-    """The precision edge scores are computed in: the model's, at least float32.  The activations and
-    gradients they come from are the model's own, so more buys nothing there; each score is summed over
-    positions in float64."""
-    return torch.promote_types(bridge.W_U.dtype, torch.float32)
 
 
 def ln_vjp(ln: torch.nn.Module, x: torch.Tensor, u: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:

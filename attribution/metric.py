@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from models.ln_free import FixedLayerNorm
 
 
+def work_dtype(bridge) -> torch.dtype:
+    """The precision of the large intermediate tensors of edge scores and of AtP*'s QK fix: the model's, at
+    least float32.  The activations and gradients they come from are the model's own, so more buys
+    nothing there; their sums over positions and prompts are taken in float64."""
+    return torch.promote_types(bridge.W_U.dtype, torch.float32)
+
+
 def final_ln(bridge) -> torch.nn.Module:
     """The model's own final LN (nn.LayerNorm, or FixedLayerNorm on LN-free models)."""
     return bridge.ln_final.original_component
