@@ -80,7 +80,8 @@ TASK_HELP = {
 
 USER_ERRORS = (ModelSpecError, AttributionInputError)
 GRACE_S = 1.0  # a stage done within this of the one before is drawn with it
-SHORT_S = 0.4  # how long the first drawing waits for the rest of an analysis after its numbers
+SHORT_S = 1.0  # how long the first drawing waits for the rest of an analysis after its numbers: the demo
+# pair's whole analysis fits in it, so its page is drawn once, complete (each redraw costs the browser ~1 s)
 # Every widget's first value; the opening view is induction, which the demo pair gets right.
 DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
             **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
