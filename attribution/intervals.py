@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 from attribution.results import ModelResults, PairResults
 from attribution.twins import QUANTITIES
@@ -76,6 +75,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy import stats  # on first use: its 0.5 s import need not delay the app's first numbers
     return _pearson(stats.rankdata(x, axis=1), stats.rankdata(y, axis=1))
 
 

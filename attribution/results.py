@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,7 @@ def jsonable(v):
 
 def agreement(estimate: np.ndarray, truth: np.ndarray, k: int = 10) -> dict[str, float]:
     """Pearson, Spearman, top-k recall (of the k largest |truth| among the k largest |estimate|), MAE."""
+    from scipy import stats  # on first use: its 0.5 s import need not delay the app's first numbers
     e, t = np.asarray(estimate, float).ravel(), np.asarray(truth, float).ravel()
     ok = np.isfinite(e) & np.isfinite(t)
     e, t = e[ok], t[ok]

@@ -12,7 +12,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
 
 from attribution.results import ModelResults, PairResults
 
@@ -50,6 +49,7 @@ def ranking_agreement(a: np.ndarray, b: np.ndarray, k: int) -> dict:
     """How alike two models' attributions over the same components are: Spearman and Pearson correlation,
     and the top-k overlap (the share of the k components largest in |a| that are among the k largest in
     |b|), over the components finite in both."""
+    from scipy import stats  # on first use: its 0.5 s import need not delay the app's first numbers
     a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
