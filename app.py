@@ -337,7 +337,17 @@ SIGMA_SOURCE = {
 }
 
 
-def predictions(pair: PairResults) -> None:
+def corrupted_metric(slot, res) -> None:
+    """The corrupted prompts' metric, which the attribution stage computes (its corrupted pass)."""
+    if math.isfinite(res.metric_corrupt):
+        slot.metric("metric, corrupted", f"{res.metric_corrupt:.3f}")
+    else:
+        slot.metric("metric, corrupted", "...", help="Computed with attribution patching (its corrupted pass).")
+
+
+def predictions(pair: PairResults) -> list:
+    """The predictions panel; returns the corrupted metric's slots, filled again when a later stage is done."""
+    slots = []
     st.caption(f"Metric: {plots.metric_name(pair)}. First clean prompt: "
                + "".join(pair.ln.str_tokens).replace("\n", " "))
     cols = st.columns(2)
@@ -348,9 +358,11 @@ def predictions(pair: PairResults) -> None:
                 st.caption(SIGMA_SOURCE[res.sigma_source])
             m = st.columns(2)
             m[0].metric("metric, clean", f"{res.metric_clean:.3f}")
-            m[1].metric("metric, corrupted", f"{res.metric_corrupt:.3f}")
+            slots.append(m[1].empty())
+            corrupted_metric(slots[-1], res)
             table = pd.DataFrame(res.top_tokens, columns=["next token", "probability"])
             st.dataframe(table, hide_index=True, key=f"top-{label}")
+    return slots
 
 
 def attention_panel(ln_spec, lnfree_spec, dtype, device, key: tuple, pair: PairResults) -> None:
@@ -478,23 +490,27 @@ def main() -> None:
         with status:
             job_state(job, None)
         return
-    numbers(pair)  # sent to the browser at once, before any figure
+    slots = numbers(pair)  # sent to the browser at once, before any figure
     with status:  # an analysis done within SHORT_S is drawn once, complete (each redraw costs about a second)
         wait_for(job, SHORT_S, "Computing attribution patching...")
     pair = job.results
+    for slot, res in zip(slots, (pair.ln, pair.lnfree), strict=True):  # known now if the analysis went on
+        corrupted_metric(slot, res)
     panels(pair, method, ln_spec, lnfree_spec, dtype, device, third)
     with status:  # last: the page above is complete as far as the analysis has gone
         job_state(job, pair.ln.stage)
 
 
-def numbers(pair: PairResults) -> None:
-    """The first stage's numbers, drawn before anything else: predictions, the metric and DLA's error."""
+def numbers(pair: PairResults) -> list:
+    """The first stage's numbers, drawn before anything else: predictions, the metric and DLA's error
+    (returns the slots of the corrupted metric, which a later stage computes)."""
     section("1. Predictions")
-    predictions(pair)
+    slots = predictions(pair)
     section("2. Direct logit attribution")
     m = st.columns(2)
     m[0].metric("LN: DLA error (NMAE vs true direct effect)", f"{pair.ln.dla_nmae:.1%}")
     m[1].metric("LN-free: DLA error (NMAE vs true direct effect)", f"{pair.lnfree.dla_nmae:.2e}")
+    return slots
 
 
 def section(title: str) -> None:

@@ -428,6 +428,22 @@ def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) ->
     np.testing.assert_allclose(job.results.ln.patch_heads, pair.ln.patch_heads, atol=1e-9, equal_nan=True)
 
 
+def test_an_analysis_done_while_the_first_numbers_wait_shows_the_corrupted_metric(tiny_ln_dir, tiny_lnfree_dir):
+    """The corrupted metric comes with attribution patching, after the first numbers are drawn: when the
+    whole analysis ends during the page's wait that follows them (the page is then drawn once, complete),
+    the predictions panel shows it (it showed 'nan', found by the two-session browser test)."""
+    settings = dict(task="induction", n_prompts=2, seq_len=6)
+    pair = compare(load_bridge(str(tiny_ln_dir)), load_bridge(str(tiny_lnfree_dir)),
+                   Settings(**settings, per_position=False))
+    at = use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), live=False, **settings).run()
+    assert not at.exception and not at.error
+    if not at.session_state["job"].complete:
+        pytest.skip("the tiny pair's analysis outlasted the page's wait on this machine (it takes ~0.1 s)")
+    shown = [m.value for m in at.metric if m.label == "metric, corrupted"]
+    assert shown == [f"{pair.ln.metric_corrupt:.3f}", f"{pair.lnfree.metric_corrupt:.3f}"]
+    assert "patch_heads" in figures(at)
+
+
 def test_a_swapped_pair_is_one_sentence(tiny_ln_dir, tiny_lnfree_dir):
     at = use_pair(app(), str(tiny_lnfree_dir), str(tiny_ln_dir)).run()
     assert not at.exception
