@@ -341,8 +341,10 @@ def corrupted_metric(slot, res) -> None:
     """The corrupted prompts' metric, which the attribution stage computes (its corrupted pass)."""
     if math.isfinite(res.metric_corrupt):
         slot.metric("metric, corrupted", f"{res.metric_corrupt:.3f}")
-    else:
+    elif res.stage == "numbers":
         slot.metric("metric, corrupted", "...", help="Computed with attribution patching (its corrupted pass).")
+    else:
+        slot.metric("metric, corrupted", "n/a", help="This view has no corrupted prompt.")
 
 
 def predictions(pair: PairResults) -> list:

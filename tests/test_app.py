@@ -458,5 +458,6 @@ def test_custom_task_without_a_corrupted_prompt_shows_what_needs_none(tiny_ln_di
     assert_complete(at)
     assert set(figures(at)) == {"dla_heads", "dla_layers", "dla_vs_de", "logit_lens", "attention"}
     assert any("No corrupted prompt" in i.value for i in at.info)
+    assert [m.value for m in at.metric if m.label == "metric, corrupted"] == ["n/a", "n/a"]
     assert any("as recorded in the checkpoint" in c.value for c in at.caption)  # the fixture stores sigmas
     assert metric(at, "LN-free: DLA error (NMAE vs true direct effect)")
