@@ -55,7 +55,7 @@ from attribution.circuits import (
 from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
 from attribution.findings.base import default_bos
 from attribution.findings.plots import FINDINGS_FIGURES
-from attribution.jobs import LRU, PairJob
+from attribution.jobs import LRU, PairJob, all_threads
 from attribution.report import STAGE_TEXT
 from attribution.tables import figure_table, summary_rows, table_csv
 from attribution.tasks import PRESET
@@ -467,6 +467,7 @@ def findings_panel(ln_spec: str, lnfree_spec: str, dtype: str, device: str) -> N
 
 
 def main() -> None:
+    all_threads()  # this page run's computations (findings, circuits, a pattern) are not a small job's
     problems = initial_view()
     ln_spec, lnfree_spec, dtype, device, settings, method, left, third = sidebar()
     share_view()

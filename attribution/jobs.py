@@ -29,17 +29,25 @@ CPU_THREADS = torch.get_num_threads()  # the intra-op threads torch chose for th
 
 @contextmanager
 def threads_for(analysis: PairAnalysis):
-    """One intra-op CPU thread while a pair of small models is analysed, all of them otherwise (set either
-    way: a thread started meanwhile takes the last value set).  Small models' operations are too small to
-    gain from more threads, and beside a browser drawing the page (the app's case) two threads fight it
-    for the cores: on 2 cores the demo's new view drew complete in 1.4-1.8 s instead of 1.9-2.3 s."""
+    """One intra-op CPU thread while a pair of small models is analysed, all of them otherwise.  Small
+    models' operations are too small to gain from more threads, and beside a browser drawing the page (the
+    app's case) two threads fight it for the cores: on 2 cores the demo's new view drew complete in 1.4-1.8 s
+    instead of 1.9-2.3 s.  torch keeps a count per thread, taken from the last one set anywhere when the
+    thread first computes: this thread's is fixed at once, and a thread started meanwhile calls all_threads."""
     small = all(a.model.bridge.cfg.d_model < SMALL_WIDTH and a.model.bridge.W_U.device.type == "cpu"
                 for a in analysis.sides)
     torch.set_num_threads(1 if small else CPU_THREADS)
+    torch.get_num_threads()  # fixes this thread's count now, whatever another thread sets next
     try:
         yield
     finally:
         torch.set_num_threads(CPU_THREADS)
+
+
+def all_threads() -> None:
+    """Give the calling thread every intra-op thread (see threads_for): a page run that starts while a small
+    pair's job runs would otherwise compute on that job's one."""
+    torch.set_num_threads(CPU_THREADS)
 
 
 class PairJob:

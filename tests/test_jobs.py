@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import torch
 
 from attribution import Settings
-from attribution.jobs import CPU_THREADS, PairJob, threads_for
+from attribution.jobs import CPU_THREADS, PairJob, all_threads, threads_for
 from attribution.report import STAGES, Analysis
 from models import load_bridge
 
@@ -45,3 +46,30 @@ def test_a_job_on_a_small_pair_computes_on_one_thread(tiny_ln_dir, real_scale_ln
     assert job.complete and job.error is None
     assert len(seen) == 2 * len(STAGES) and set(seen) == {1}  # every stage of both models
     assert torch.get_num_threads() == CPU_THREADS
+
+
+def test_a_thread_started_during_a_small_job_takes_every_thread_back_and_leaves_the_job_its_one():
+    """torch's thread counts are per thread: a page run that starts while a small pair's job runs begins with
+    that job's one thread until it calls all_threads, which leaves the job its one."""
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def job():
+        with threads_for(_pair_of_width(256)):
+            inside.set()
+            release.wait(10)
+            seen["job"] = torch.get_num_threads()
+
+    def page_run():
+        seen["started with"] = torch.get_num_threads()
+        all_threads()
+        seen["page"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    inside.wait(10)
+    page = threading.Thread(target=page_run)
+    page.start()
+    page.join(10)
+    release.set()
+    worker.join(10)
+    assert seen == {"started with": 1, "page": CPU_THREADS, "job": 1}
