@@ -54,11 +54,13 @@ def dla_names(n_layers: int) -> list[str]:
 
 def analysis_bytes(bridge, task: tasks.Task) -> int:
     """A bound on the memory one analysis holds at its peak: the clean cache, the corrupted pass's
-    autograd graph and gradients (model dtype), AtP*'s float64 differences and q / k tangents, and the
-    QK fix's pattern chunk."""
+    autograd graph and gradients (model dtype), the attention-pattern gradients that AtP*'s GradDrop keeps
+    for the QK fix (the full set's, and for each dropped layer l those of layers <= l: 1 + (L + 1) / 2 sets
+    a layer on average), AtP*'s float64 differences and q / k tangents, and the QK fix's pattern chunk."""
     c, (B, T) = bridge.cfg, task.clean.shape
-    per_position_layer = (26 * c.d_model + 6 * c.d_mlp + 6 * c.n_heads * T) * bridge.W_U.element_size() \
-        + 10 * c.d_model * 8
+    pattern_grad_sets = 1 + (c.n_layers + 2) // 2
+    per_position_layer = (26 * c.d_model + 6 * c.d_mlp + (6 + pattern_grad_sets) * c.n_heads * T) \
+        * bridge.W_U.element_size() + 10 * c.d_model * 8
     return int(B * T * c.n_layers * per_position_layer + 2 * 2**24 * 8)
 
 
