@@ -71,18 +71,18 @@ def figure_bytes(fig, fmt: str) -> bytes:
 def write_figure(fig, path, fmt: str, manifest: dict | None = None) -> Path:
     """Write one plotly figure as self-contained HTML, PNG or SVG (see figure_bytes), with `manifest`
     embedded when given (see figure_file)."""
+    return write_bytes(figure_file(fig, fmt, manifest), path)
+
+
+def write_bytes(data: bytes, path) -> Path:
     path = Path(path)
-    data = figure_file(fig, fmt, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
 
 
 def write_text(text: str, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_bytes(text.encode(), path)
 
 
 def results_json(pair: PairResults, manifest: dict | None = None, circuits: dict | None = None) -> str:
@@ -159,10 +159,7 @@ def export(pair: PairResults, figure: str, fmt: str, out, method: str = "atp*",
     if fmt == "zip":
         if figure != "all":
             raise AttributionInputError(ZIP_HOLDS_ALL)
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(bundle(pair, method, manifest, circuits, circuit_edges))
-        return [out]
+        return [write_bytes(bundle(pair, method, manifest, circuits, circuit_edges), out)]
     extra = CIRCUIT_FIGURES if circuits is not None else {}
     if figure != "all" and figure not in FIGURES and figure not in extra:
         hint = " (the circuit figures need --circuits)" if figure in CIRCUIT_FIGURES else ""
