@@ -193,6 +193,11 @@ def test_two_sessions_analysing_at_once_get_their_own_numbers(served_app, tmp_pa
                         timeout=240_000)
                 except AssertionError:
                     raise AssertionError((tmp_path / "streamlit.log").read_text()[-6000:]) from None
+                # Read the numbers once the page is settled: a rerun may be redrawing them (seen once under load:
+                # the patching caption up, no metric in the page yet).
+                expect(page.get_by_test_id("stMetricValue").nth(3)).to_be_visible(timeout=60_000)
+                page.wait_for_function("document.querySelectorAll('[data-stale=\"true\"]').length === 0",
+                                       timeout=60_000)
                 log = (tmp_path / "streamlit.log").read_text()
                 assert page.locator("[data-testid='stException']").count() == 0, log[-6000:]
                 assert page.locator("[data-testid='stAlertContentError']").count() == 0, log[-6000:]
