@@ -21,77 +21,92 @@ from functools import partial
 
 import streamlit as st
 
-# The page shell first: on a cold start the imports below (torch, transformers, TransformerLens, plotly) take
-# seconds, once per server process; the browser shows this meanwhile instead of a blank page.
-st.set_page_config(page_title="lnfree workbench", layout="wide")
-_starting = st.empty() if "attribution.report" not in sys.modules else None
-if _starting is not None:
-    _starting.info("Starting the workbench: importing torch, transformers and TransformerLens (once per server).")
+if __name__ != "__main__":
+    # Imported, not run: `streamlit run app.py` serves this module's `app`, and runs this file as __main__ for
+    # each browser session.  The server's start-up imports the analysis stack and loads the opening pair in
+    # the background (models/preload.py), while the browser fetches the page.
+    import contextlib
 
-import pandas as pd
-import torch
+    @contextlib.asynccontextmanager
+    async def preload(_app):
+        from models import preload
 
-from attribution import (
-    AttributionInputError,
-    PairResults,
-    Settings,
-    analyse,
-    attention_pattern,
-    intervals,
-    plots,
-    provenance,
-    twins,
-    view,
-)
-from attribution import export as exporting
-from attribution.circuits import (
-    circuit_graphs,
-    circuits_json,
-    edges_table,
-    faithfulness_curves,
-    faithfulness_table,
-    pair_circuits,
-)
-from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
-from attribution.findings.base import default_bos
-from attribution.findings.plots import FINDINGS_FIGURES
-from attribution.jobs import LRU, PairJob, all_threads
-from attribution.report import STAGE_TEXT
-from attribution.tables import figure_table, summary_rows, table_csv
-from attribution.tasks import PRESET
-from models import PAIRS, ModelSpecError, load_bridge
-from models.loading import DTYPES
-from models.registry import VANILLA
+        preload.start(sys.argv[1:])
+        yield
 
-if _starting is not None:
-    _starting.empty()
+    app = st.App(__file__, lifespan=preload)
+else:  # the page, for one session
+    # The page shell first: on a cold start the imports below (torch, transformers, TransformerLens, plotly) take
+    # seconds, once per server process; the browser shows this meanwhile instead of a blank page.
+    st.set_page_config(page_title="lnfree workbench", layout="wide")
+    _starting = st.empty() if "attribution.report" not in sys.modules else None
+    if _starting is not None:
+        _starting.info("Starting the workbench: importing torch, transformers and TransformerLens (once per server).")
 
-CUSTOM_PAIR = "Custom (hub names or local directories)"
-PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
-DEFAULT_PAIR = "demo  |  demo-lnfree"
-TASK_HELP = {
-    "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt). The preset: both demo "
-              "models copy the name that followed 'David said unto' before (a copy behaviour, like induction); "
-              "in the corrupted prompt that name is Moses, and both then prefer ' Moses'.",
-    "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
-    "ioi": "Indirect object identification; corrupted: the names swapped. The demo pair has no IOI circuit "
-           "(its metric stays near 0): use GPT-2 for this task.",
-}
+    import pandas as pd
+    import torch
 
-USER_ERRORS = (ModelSpecError, AttributionInputError)
-GRACE_S = 1.0  # a stage done within this of the one before is drawn with it
-SHORT_S = 1.0  # how long the first drawing waits for the rest of an analysis after its numbers: the demo
-# pair's whole analysis fits in it, so its page is drawn once, complete (each redraw costs the browser ~1 s)
-# Every widget's first value; the opening view is induction, which the demo pair gets right.
-DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
-            **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
-            "full_sweeps": False, "verify_top": Settings.verify_top, "live": True, "vanilla_spec": "",
-            "left": "original"}
-# What each choice widget offers (also what a link or the command line may choose).
-CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
-           "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
-           "left": ["original", "vanilla"]}
-LEFT = {"original": "the LN model it came from", "vanilla": "its vanilla control (fine-tuned alike, LN kept)"}
+    from attribution import (
+        AttributionInputError,
+        PairResults,
+        Settings,
+        analyse,
+        attention_pattern,
+        intervals,
+        plots,
+        provenance,
+        twins,
+        view,
+    )
+    from attribution import export as exporting
+    from attribution.circuits import (
+        circuit_graphs,
+        circuits_json,
+        edges_table,
+        faithfulness_curves,
+        faithfulness_table,
+        pair_circuits,
+    )
+    from attribution.findings import BOS_PROTOCOLS, pair_findings, summary_table
+    from attribution.findings.base import default_bos
+    from attribution.findings.plots import FINDINGS_FIGURES
+    from attribution.jobs import LRU, PairJob, all_threads
+    from attribution.report import STAGE_TEXT
+    from attribution.tables import figure_table, summary_rows, table_csv
+    from attribution.tasks import PRESET
+    from models import PAIRS, ModelSpecError, load_bridge, preload
+    from models.loading import DTYPES
+    from models.registry import VANILLA
+
+    if _starting is not None:
+        _starting.empty()
+
+    CUSTOM_PAIR = "Custom (hub names or local directories)"
+    PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
+    DEFAULT_PAIR = "demo  |  demo-lnfree"
+    TASK_HELP = {
+        "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt). The preset: both demo "
+                  "models copy the name that followed 'David said unto' before (a copy behaviour, like induction); "
+                  "in the corrupted prompt that name is Moses, and both then prefer ' Moses'.",
+        "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
+        "ioi": "Indirect object identification; corrupted: the names swapped. The demo pair has no IOI circuit "
+               "(its metric stays near 0): use GPT-2 for this task.",
+    }
+
+    USER_ERRORS = (ModelSpecError, AttributionInputError)
+    GRACE_S = 1.0  # a stage done within this of the one before is drawn with it
+    SHORT_S = 1.0  # how long the first drawing waits for the rest of an analysis after its numbers: the demo
+    # pair's whole analysis fits in it, so its page is drawn once, complete (each redraw costs the browser ~1 s)
+    # Every widget's first value; the opening view is induction, which the demo pair gets right.
+    DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
+                **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
+                "full_sweeps": False, "verify_top": Settings.verify_top, "live": True, "vanilla_spec": "",
+                "left": "original"}
+    # What each choice widget offers (also what a link or the command line may choose).
+    CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
+               "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+               "left": ["original", "vanilla"]}
+    LEFT = {"original": "the LN model it came from", "vanilla": "its vanilla control (fine-tuned alike, LN kept)"}
 
 
 def initial_view() -> list[str]:
@@ -116,8 +131,9 @@ def share_view() -> None:
 
 @st.cache_resource(max_entries=2, show_spinner="Loading model...")
 def get_model(spec: str, dtype: str, device: str):
-    """At most two models stay loaded (one pair), so switching pairs does not accumulate memory."""
-    return load_bridge(spec, dtype, device)
+    """At most two models stay loaded (one pair), so switching pairs does not accumulate memory.  The opening
+    pair comes from the server's start-up (models/preload.py)."""
+    return preload.take(spec, dtype, device) or load_bridge(spec, dtype, device)
 
 
 @st.cache_resource
@@ -200,7 +216,8 @@ def job_state(job: PairJob, shown: str | None) -> None:
         follow(job, shown)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+# A resource (read, never changed): cache_data would copy it per call, and warn when the server imports this file.
+@st.cache_resource(max_entries=64, show_spinner=False)
 def get_pattern(spec: str, dtype: str, device: str, settings: tuple, layer: int, head: int):
     return attention_pattern(get_model(spec, dtype, device), Settings(**dict(settings)), layer, head)
 
@@ -661,7 +678,8 @@ def intervals_table(pair: PairResults) -> None:
     st.download_button("Intervals CSV", table_csv(rows), "agreement_intervals.csv", "text/csv", on_click="ignore")
 
 
-try:
-    main()
-except USER_ERRORS as err:  # e.g. a bad layer/head or a model failing on a later step
-    st.error(str(err))
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as err:  # e.g. a bad layer/head or a model failing on a later step
+        st.error(str(err))

@@ -47,14 +47,19 @@ PANELS = {
 }
 
 
+def launch_args(argv: list[str]) -> argparse.Namespace:
+    """What comes after `--` in `streamlit run app.py -- ...`, unchecked (argparse.ArgumentError if unusable)."""
+    p = argparse.ArgumentParser(prog="streamlit run app.py --", add_help=False, exit_on_error=False)
+    for flag in ("--ln", "--lnfree", "--vanilla", "--dtype", "--device"):
+        p.add_argument(flag)
+    return p.parse_known_args(argv)[0]
+
+
 def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair: str) -> tuple[dict, list[str]]:
     """Widget values from `streamlit run app.py -- --ln SPEC --lnfree SPEC [--vanilla SPEC] [--dtype D]
     [--device D]` (an LN-free spec alone pairs with its recorded base; a vanilla control opens on the left),
     and a sentence for each that cannot be used."""
-    p = argparse.ArgumentParser(prog="streamlit run app.py --", add_help=False, exit_on_error=False)
-    for flag in ("--ln", "--lnfree", "--vanilla", "--dtype", "--device"):
-        p.add_argument(flag)
-    args, _ = p.parse_known_args(argv)
+    args = launch_args(argv)
     values, problems = {}, []
     for key in ("dtype", "device"):
         value = getattr(args, key)
