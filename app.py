@@ -101,11 +101,13 @@ else:  # the page, for one session
     DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
                 **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
                 "full_sweeps": False, "verify_top": Settings.verify_top, "live": True, "vanilla_spec": "",
-                "left": "original"}
+                "left": "original", "tab": "Summary"}
+    # Sections 4-9, one tab each (by label without its number).
+    TABS = {title.split(". ", 1)[1]: title for title in list(view.PANELS)[3:]}
     # What each choice widget offers (also what a link or the command line may choose).
     CHOICES = {"pair": [*PAIR_LABELS, CUSTOM_PAIR], "dtype": list(DTYPES), "task": list(TASK_HELP),
                "method": ["atp*", "atp"], "device": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
-               "left": ["original", "vanilla"]}
+               "left": ["original", "vanilla"], "tab": list(TABS)}
     LEFT = {"original": "the LN model it came from", "vanilla": "its vanilla control (fine-tuned alike, LN kept)"}
 
 
@@ -549,18 +551,38 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
                               "when that head's output is removed from the final residual stream.")
     section("3. Activation patching vs attribution patching")
     patching_panel(pair, method)
-    section("4. Logit lens")
-    figure(pair, method, "logit_lens")
-    section("5. Attention pattern")
-    attention = st.container()  # filled last: its pass may wait for one of the running analysis
     problem = exporting.image_export_problem()
     if problem:
         st.error(problem)  # PNG/SVG buttons stay disabled; HTML, CSV and JSON still work
-    section("6. Where the twins differ")
-    twins_panel(pair)
-    section("7. Circuits")
-    circuits_panel(pair, ln_spec, lnfree_spec, dtype, device)
-    section("8. Summary")
+    # Sections 4-9 are tabs, and only the open one is drawn: every figure on the page costs the browser
+    # about 0.1 s at each redraw, and the page is redrawn at every stage of an analysis.
+    tabs = dict(zip(TABS, st.tabs(list(TABS), key="tab", on_change="rerun"), strict=True))
+    for name, tab in tabs.items():
+        if tab.open:
+            with tab:
+                section(TABS[name])
+                tab_panel(name, pair, method, ln_spec, lnfree_spec, dtype, device, third)
+
+
+def tab_panel(name: str, pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype: str, device: str,
+              third: tuple[str, str] | None) -> None:
+    if name == "Summary":
+        summary_panel(pair, ln_spec, lnfree_spec, dtype, device, third)
+    elif name == "Logit lens":
+        figure(pair, method, "logit_lens")
+    elif name == "Attention pattern":
+        attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),
+                        pair)
+    elif name == "Where the twins differ":
+        twins_panel(pair)
+    elif name == "Circuits":
+        circuits_panel(pair, ln_spec, lnfree_spec, dtype, device)
+    else:
+        findings_panel(ln_spec, lnfree_spec, dtype, device)
+
+
+def summary_panel(pair: PairResults, ln_spec: str, lnfree_spec: str, dtype: str, device: str,
+                  third: tuple[str, str] | None) -> None:
     summary = summary_rows(pair, three_way(pair, third, dtype, device))
     st.dataframe(pd.DataFrame(summary).set_index("quantity"), key="summary")
     cols = st.columns(2)
@@ -571,13 +593,8 @@ def panels(pair: PairResults, method: str, ln_spec: str, lnfree_spec: str, dtype
                                                           with_circuits),
                             "lnfree_workbench.zip", "application/zip", on_click="ignore", key="zip-all",
                             help="Every figure (HTML, PNG, SVG) with its CSV, the JSON of all numbers and the "
-                                 "manifest" + (", and the circuits of section 7" if with_circuits else
-                                               "; the circuits too once section 7 has found them"))
-    section("9. Dataset-level findings")
-    findings_panel(ln_spec, lnfree_spec, dtype, device)
-    with attention:
-        attention_panel(ln_spec, lnfree_spec, dtype, device, tuple(sorted(dataclasses.asdict(pair.settings).items())),
-                        pair)
+                                 "manifest" + (", and the circuits of the Circuits tab" if with_circuits else
+                                               "; the circuits too once the Circuits tab has found them"))
 
 
 def get_single(spec: str, dtype: str, device: str, settings: Settings):

@@ -26,21 +26,21 @@ PANELS = {
                                                       "GradDrop), then checked by activation patching; the "
                                                       "agreement numbers come with bootstrap intervals over "
                                                       "the prompts.",
-    "4. Logit lens": "The metric read from the residual stream entering each layer (and leaving the last) "
+    "4. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
+                  "and the JSON of the whole analysis.",
+    "5. Logit lens": "The metric read from the residual stream entering each layer (and leaving the last) "
                      "through the model's own final LN: where the answer becomes decodable.",
-    "5. Attention pattern": "One head's attention on the first clean prompt: rows are query positions, "
+    "6. Attention pattern": "One head's attention on the first clean prompt: rows are query positions, "
                             "columns key positions.",
-    "6. Where the twins differ": "How alike the two models' attributions are, component by component "
+    "7. Where the twins differ": "How alike the two models' attributions are, component by component "
                                  "(Spearman and Pearson correlation, and the share of each model's top-k "
                                  "components shared, each with a bootstrap interval over the prompts), and the "
-                                 "components whose value moves most from LN to LN-free. The heatmaps above "
-                                 "show the same difference as their third panel.",
-    "7. Circuits": "Edges between components (embedding, each head's query / key / value input, MLPs, logits) "
+                                 "components whose value moves most from LN to LN-free. The heatmaps of "
+                                 "sections 2 and 3 show the same difference as their third panel.",
+    "8. Circuits": "Edges between components (embedding, each head's query / key / value input, MLPs, logits) "
                    "scored by edge attribution patching (EAP, or EAP-IG with integrated gradients) on both "
                    "models, the top edges drawn on each, and how much of the metric the top-n edges recover "
                    "when every other edge is ablated (faithfulness). Run on request.",
-    "8. Summary": "Every headline number in one table; the zip holds every figure with its numbers (CSV) "
-                  "and the JSON of the whole analysis.",
     "9. Dataset-level findings": "Over held-out text of the demo corpus: confidence-neuron ablation, first-token "
                                  "residual norms and attention sinks, calibration, and the DLA error per head "
                                  "(arXiv 2507.02559, section 5). Run on request.",

@@ -16,9 +16,10 @@ from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching",
-           "4. Logit lens", "5. Attention pattern", "6. Where the twins differ", "7. Circuits",
-           "8. Summary", "9. Dataset-level findings"]
+HEADERS = ["1. Predictions", "2. Direct logit attribution", "3. Activation patching vs attribution patching"]
+TABS = {"Summary": "4. Summary", "Logit lens": "5. Logit lens", "Attention pattern": "6. Attention pattern",
+        "Where the twins differ": "7. Where the twins differ", "Circuits": "8. Circuits",
+        "Dataset-level findings": "9. Dataset-level findings"}
 needs_demo_pair = pytest.mark.skipif(
     not (ROOT / "models" / "demo-lnfree" / "model.safetensors").exists(), reason="the demo pair is not built")
 
@@ -63,9 +64,16 @@ def complete(at: AppTest) -> AppTest:
 
 
 def assert_complete(at: AppTest) -> None:
+    """No error, sections 1-3, and the open tab's section (only the open one of sections 4-9 is drawn)."""
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
-    assert [h.value for h in at.main.header] == HEADERS
+    assert [h.value for h in at.main.header] == [*HEADERS, TABS[at.session_state["tab"]]]
+
+
+def open_tab(at: AppTest, name: str) -> AppTest:
+    """Open one of sections 4-9 (what clicking its tab does: the page reruns with it open)."""
+    at.session_state["tab"] = name
+    return at.run()
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -93,14 +101,6 @@ def test_default_view_shows_demo_pair_numbers():
         [pair.ln.agreement["atpstar"]["spearman"], pair.lnfree.agreement["atpstar"]["spearman"]], abs=1e-9)
     top = at.dataframe[0].value
     assert top["next token"].tolist() == [t for t, _ in pair.ln.top_tokens]
-    # Where the twins differ: the agreement table and the largest changes are attribution.twins' own
-    # (tested against their definitions in tests/test_twins.py); choosing a quantity computes nothing new.
-    agree = twins.twin_agreement(pair)
-    shown = next(d.value for d in at.main.dataframe if "components" in d.value.columns)
-    assert shown["Spearman"].tolist() == pytest.approx([a["spearman"] for a in agree.values()], nan_ok=True)
-    assert shown["components"].tolist() == [a["n"] for a in agree.values()]
-    assert shown["Spearman low"].tolist() == pytest.approx(
-        [pair.intervals["twins"][name]["spearman"]["low"] for name in agree], nan_ok=True)
     # The agreement numbers' bootstrap intervals: attribution.intervals' own (tests/test_intervals.py).
     rows = intervals.interval_rows(pair.intervals)
     table = next(d.value for d in at.main.dataframe if "LN-free minus LN" in d.value.columns)
@@ -108,13 +108,28 @@ def test_default_view_shows_demo_pair_numbers():
     assert table["LN-free minus LN"].tolist() == [
         f"{r['LN-free minus LN']:.3f} [{r['LN-free minus LN low']:.3f}, {r['LN-free minus LN high']:.3f}]"
         for r in rows]
+    # Where the twins differ: the agreement table and the largest changes are attribution.twins' own
+    # (tested against their definitions in tests/test_twins.py); choosing a quantity computes nothing new.
+    assert "twins-quantity" not in [s.key for s in at.selectbox]  # not drawn until its tab is open
+    open_tab(at, "Where the twins differ")
+    assert_complete(at)
+    agree = twins.twin_agreement(pair)
+    shown = next(d.value for d in at.main.dataframe if "components" in d.value.columns)
+    assert shown["Spearman"].tolist() == pytest.approx([a["spearman"] for a in agree.values()], nan_ok=True)
+    assert shown["components"].tolist() == [a["n"] for a in agree.values()]
+    assert shown["Spearman low"].tolist() == pytest.approx(
+        [pair.intervals["twins"][name]["spearman"]["low"] for name in agree], nan_ok=True)
     at.selectbox(key="twins-quantity").set_value("atpstar_heads").run()
     movers = next(d.value for d in at.main.dataframe if "lnfree_minus_ln" in d.value.columns)
     want = twins.top_movers(pair, "atpstar_heads")
     assert movers["component"].tolist() == [m["component"] for m in want]
     assert movers["lnfree_minus_ln"].tolist() == pytest.approx([m["lnfree_minus_ln"] for m in want])
-    captions = [c.value for c in at.main.caption]
-    assert all(text in captions for text in view.PANELS.values())  # each panel says how to read it
+    for name, title in TABS.items():  # each section says how to read it (sections 4-9 in their tabs)
+        open_tab(at, name)
+        assert_complete(at)
+        captions = [c.value for c in at.main.caption]
+        assert all(view.PANELS[t] in captions for t in [*HEADERS, title])
+    assert set(view.PANELS) == {*HEADERS, *TABS.values()}
 
 
 @needs_demo_pair
@@ -128,6 +143,8 @@ def test_other_tasks(task):
 @needs_demo_pair
 def test_attention_head_and_method_switch():
     at = complete(app().run())
+    open_tab(at, "Attention pattern")
+    assert "attention" in figures(at)
     complete(at.number_input(key="head").set_value(1).run())
     assert_complete(at)
     complete(at.sidebar.radio(key="method").set_value("atp").run())
@@ -168,7 +185,7 @@ def test_findings_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir, bos):
     from attribution.findings import compare_findings, heldout_tokens, summary_table
 
     at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
-                           seq_len=6, findings_n_seq=4, findings_bos=bos).run())
+                           seq_len=6, findings_n_seq=4, findings_bos=bos, tab="Dataset-level findings").run())
     assert_complete(at)
     complete(at.button(key="findings_run").click().run())
     assert not at.exception and not at.error
@@ -194,8 +211,9 @@ def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     at = complete(use_pair(app(), str(tiny_ln_dir), str(tiny_lnfree_dir), task="induction", n_prompts=2,
                            seq_len=6, circuits_edges=5).run())
     assert_complete(at)
+    assert "once the Circuits tab has found them" in zip_help(at)
+    open_tab(at, "Circuits")
     assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)  # on request only
-    assert "once section 7 has found them" in zip_help(at)
     complete(at.button(key="circuits_run").click().run())
     assert not at.exception and not at.error
     settings = Settings(task="induction", n_prompts=2, seq_len=6, per_position=False)
@@ -208,7 +226,9 @@ def test_circuits_panel_on_tiny_pair(tiny_ln_dir, tiny_lnfree_dir):
     view_key, found, record = at.session_state["circuits_shown"]
     assert view_key[-1] == settings and record == {"ig_steps": 1, "edges": 5}
     assert edges_table(found, 5) == want
-    assert "and the circuits of section 7" in zip_help(at)
+    open_tab(at, "Summary")
+    assert "and the circuits of the Circuits tab" in zip_help(at)
+    open_tab(at, "Circuits")
     at.radio(key="circuits_method").set_value("EAP-IG").run()  # a new method: on request again
     assert not any(d for d in at.main.dataframe if "writer" in d.value.columns)
     complete(at.button(key="circuits_run").click().run())
@@ -400,7 +420,7 @@ def staged_then_cancelled(tiny_ln_dir, tiny_lnfree_dir, settings, pair, gate) ->
         job.wait(0.5)
     at.run()
     assert not at.exception and not at.error
-    assert [h.value for h in at.main.header] == HEADERS
+    assert_complete(at)
     assert "dla_heads" in figures(at) and "atp_heads" in figures(at) and "patch_heads" not in figures(at)
     assert any("Activation patching (the ground truth" in i.value for i in at.info)
     assert metric(at, "LN: DLA error (NMAE vs true direct effect)") == f"{pair.ln.dla_nmae:.1%}"
@@ -456,7 +476,10 @@ def test_custom_task_without_a_corrupted_prompt_shows_what_needs_none(tiny_ln_di
                            prompt="When Mary and John went to the store, John gave a drink to", answer=" Mary",
                            counterfactual=" John", corrupt="").run())
     assert_complete(at)
-    assert set(figures(at)) == {"dla_heads", "dla_layers", "dla_vs_de", "logit_lens", "attention"}
+    assert set(figures(at)) == {"dla_heads", "dla_layers", "dla_vs_de"}
+    assert set(figures(open_tab(at, "Logit lens"))) == {"dla_heads", "dla_layers", "dla_vs_de", "logit_lens"}
+    assert set(figures(open_tab(at, "Attention pattern"))) == {"dla_heads", "dla_layers", "dla_vs_de", "attention"}
+    assert_complete(at)
     assert any("No corrupted prompt" in i.value for i in at.info)
     assert [m.value for m in at.metric if m.label == "metric, corrupted"] == ["n/a", "n/a"]
     assert any("as recorded in the checkpoint" in c.value for c in at.caption)  # the fixture stores sigmas

@@ -88,16 +88,22 @@ def test_app_in_chromium(served_app, tmp_path):
         page = browser.new_page(viewport={"width": 1500, "height": 1200}, accept_downloads=True)
         page.goto(served_app)
         # The default view computes on the demo pair without any click.
-        expect(page.get_by_text("8. Summary")).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("4. Summary")).to_be_visible(timeout=240_000)
         expect(page.get_by_text("Activation patching: top-20 by |AtP*|", exact=False)).to_be_visible(
             timeout=240_000)  # the last stage is done
         expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
         assert page.locator(".js-plotly-plot").count() >= 8
-        for text in ("1. Predictions", "2. Direct logit attribution", "5. Attention pattern"):
+        for text in ("1. Predictions", "2. Direct logit attribution"):
             expect(page.get_by_text(text)).to_be_visible()
         expect(page.get_by_text("LN-free: DLA error (NMAE vs true direct effect)")).to_be_visible()
         assert page.locator("[data-testid='stException']").count() == 0
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        # Sections 4-9 are tabs, drawn when opened; the open one is in the URL (a shared link reopens it).
+        assert page.locator(".js-plotly-plot").count() == 8 and page.get_by_text("6. Attention pattern").count() == 0
+        page.get_by_role("tab", name="Attention pattern").click()
+        expect(page.get_by_text("6. Attention pattern")).to_be_visible(timeout=60_000)
+        expect(page.locator(".js-plotly-plot")).to_have_count(9, timeout=60_000)
+        expect(page).to_have_url(re.compile(r"tab=Attention(\+|%20)pattern"), timeout=10_000)
 
         button = page.get_by_role("button", name="HTML").first
         button.scroll_into_view_if_needed()
