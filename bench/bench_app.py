@@ -10,8 +10,8 @@ Measures, in one run on this machine:
   * demo pair, cold start (the median of --starts server starts): `streamlit run app.py` started -> the
     first numbers (predictions and DLA of the opening view) and -> the complete view (activation patching
     done);
-  * demo pair, a new prompt (the custom task's prompt; the median of --prompts changes) -> its predictions
-    and DLA, and -> the complete view;
+  * demo pair, a new prompt (the custom task's; the median of --prompts changes, each to a prompt not seen
+    before) -> its predictions and DLA, and -> the complete view;
   * with the small stand-in (a random gpt2-small-shaped pair, as bench.bench_engine builds it), opened from
     the command line: a new view (induction, 8 prompts x 20-token copies: the default view) -> complete,
     in forward-pass equivalents of one forward pass of the same batch (timed after the server stops).
@@ -46,6 +46,10 @@ VERIFIED = "Activation patching: top-"  # the caption above the patching figures
 # The page is checked every 50 ms: Playwright's default (every animation frame) reads the page's layout 60
 # times a second, which takes CPU from the app it measures on a small machine.
 POLL_MS = 50
+# New prompts, each as long as the preset's corrupted prompt (20 tokens), so that every panel can be drawn,
+# and each different from the others and from the preset: a view seen before is drawn from the app's cache.
+PROMPTS = [f"And David said unto Saul, Take thy {thing}, and stretch out thine arm. And David said unto"
+           for thing in ("staff", "sword", "spear", "bow", "shield", "cup", "robe", "crown", "horn", "stone")]
 NOT_STALE = "document.querySelectorAll('[data-stale=\"true\"]').length === 0"
 
 
@@ -128,11 +132,7 @@ def demo(browser, starts: int, prompts: int) -> dict:
         wait_complete(page)
         prompt = page.get_by_label("Prompt", exact=True)
         numbers, complete = [], []
-        # As long as the preset's corrupted prompt (20 tokens), so that every panel can be drawn.
-        texts = ("And David said unto Saul, Take thy staff, and stretch out thine hand. And David said unto",
-                 "And David said unto Saul, Take thy rod, and stretch out thine arm. And David said unto")
-        for i in range(prompts):
-            text = texts[i % 2]
+        for text in PROMPTS[:prompts]:
             prompt.fill(text)
             t = time.perf_counter()
             prompt.press("Control+Enter")
@@ -189,7 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-small", action="store_true", help="skip the gpt2-small-shaped stand-in")
     parser.add_argument("--starts", type=int, default=3, help="cold starts of the demo pair (median reported)")
-    parser.add_argument("--prompts", type=int, default=6, help="prompt changes on the demo pair (median reported)")
+    parser.add_argument("--prompts", type=int, default=6, choices=range(1, len(PROMPTS) + 1), metavar="N",
+                        help=f"prompt changes on the demo pair, at most {len(PROMPTS)} (median reported)")
     args = parser.parse_args()
     floor, least = fresh_run(IMPORTS), fresh_run(LEAST)
     with sync_playwright() as p:
