@@ -43,14 +43,14 @@ PairAnalysis(load_bridge("demo"), load_bridge("demo-lnfree"), Settings(per_posit
 """
 DLA_LABEL = "LN-free: DLA error (NMAE vs true direct effect)"
 VERIFIED = "Activation patching: top-"  # the caption above the patching figures, once verification is done
-# The page is checked every 50 ms: Playwright's default (every animation frame) reads the page's layout 60
-# times a second, which takes CPU from the app it measures on a small machine.
+# The page is checked every 50 ms, by reading the DOM's text (textContent) without forcing a layout:
+# Playwright's default (every animation frame) and its text locators (which check visibility) read the
+# page's layout, which takes CPU from the app it measures on a small machine.
 POLL_MS = 50
 # New prompts, each as long as the preset's corrupted prompt (20 tokens), so that every panel can be drawn,
 # and each different from the others and from the preset: a view seen before is drawn from the app's cache.
 PROMPTS = [f"And David said unto Saul, Take thy {thing}, and stretch out thine arm. And David said unto"
            for thing in ("staff", "sword", "spear", "bow", "shield", "cup", "robe", "crown", "horn", "stone")]
-NOT_STALE = "document.querySelectorAll('[data-stale=\"true\"]').length === 0"
 
 
 def fresh_run(code: str, repeats: int = 3) -> float:
@@ -71,18 +71,22 @@ def wait_numbers(page, text: str, timeout_ms: int = 300_000) -> None:
         """([text, label]) => {
              const fresh = e => !e.closest('[data-stale="true"]');
              const caption = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
-                               .filter(e => e.innerText.includes('First clean prompt') && e.innerText.includes(text));
+                               .filter(e => e.textContent.includes('First clean prompt') && e.textContent.includes(text));
              const dla = [...document.querySelectorAll('[data-testid="stMetric"]')]
-                           .filter(e => e.innerText.includes(label));
+                           .filter(e => e.textContent.includes(label));
              return caption.length > 0 && caption.every(fresh) && dla.length > 0 && dla.every(fresh); }""",
         arg=[text, DLA_LABEL], timeout=timeout_ms, polling=POLL_MS)
 
 
 def wait_complete(page, timeout_ms: int = 600_000) -> None:
-    page.get_by_text(VERIFIED).first.wait_for(timeout=timeout_ms)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 10",
-                           timeout=timeout_ms, polling=POLL_MS)
-    page.wait_for_function(NOT_STALE, timeout=timeout_ms, polling=POLL_MS)
+    """Activation patching's caption is up, the figures are drawn and nothing on the page is stale."""
+    page.wait_for_function(
+        """(verified) =>
+             [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
+               .some(e => e.textContent.includes(verified))
+             && document.querySelectorAll('.js-plotly-plot .main-svg').length >= 10
+             && document.querySelectorAll('[data-stale="true"]').length === 0""",
+        arg=VERIFIED, timeout=timeout_ms, polling=POLL_MS)
 
 
 def start_server(*app_args: str) -> tuple[subprocess.Popen, str]:
