@@ -28,13 +28,13 @@ if __name__ != "__main__":
     import contextlib
 
     @contextlib.asynccontextmanager
-    async def preload(_app):
+    async def start_up(_app):
         from models import preload
 
         preload.start(sys.argv[1:])
         yield
 
-    app = st.App(__file__, lifespan=preload)
+    app = st.App(__file__, lifespan=start_up)
 else:  # the page, for one session
     # The page shell first: on a cold start the imports below (torch, transformers, TransformerLens, plotly) take
     # seconds, once per server process; the browser shows this meanwhile instead of a blank page.
