@@ -350,10 +350,11 @@ def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
     at = app()
     for key, value in {"pair": "Custom (hub names or local directories)", "ln_spec": str(tiny_ln_dir),
                        "lnfree_spec": str(tiny_lnfree_dir), "task": "ioi", "n_prompts": "3", "method": "atp",
-                       "full_sweeps": "true"}.items():
+                       "full_sweeps": "true", "tab": "Logit lens"}.items():
         at.query_params[key] = value
     complete(at.run())
     assert_complete(at)
+    assert at.main.header[-1].value == "5. Logit lens" and "logit_lens" in figures(at)  # the link's open tab
     assert at.sidebar.radio(key="task").value == "ioi" and at.sidebar.slider(key="n_prompts").value == 3
     assert at.sidebar.radio(key="method").value == "atp" and at.sidebar.checkbox(key="full_sweeps").value
     assert any("full sweeps" in c.value for c in at.main.caption)
@@ -362,12 +363,14 @@ def test_the_url_holds_the_view(tiny_ln_dir, tiny_lnfree_dir):
     at = app()
     at.query_params.update({"pair": "Custom (hub names or local directories)", "ln_spec": str(tiny_ln_dir),
                             "lnfree_spec": str(tiny_lnfree_dir), "task": "induction", "n_prompts": "999",
-                            "seq_len": "6", "colour": "blue"})
+                            "seq_len": "6", "colour": "blue", "tab": "Plots"})
     complete(at.run())
     assert not at.exception
     assert [e.value for e in at.error] == [
         "The link's n_prompts='999' is not a whole number in 1..32; it was ignored.",
-        "The link's colour='blue' is not a setting of this page; it was ignored."]
+        "The link's colour='blue' is not a setting of this page; it was ignored.",
+        f"The link's tab='Plots' is not one of {', '.join(TABS)}; it was ignored."]
+    assert at.main.header[-1].value == "4. Summary"
     assert at.sidebar.slider(key="seq_len").value == 6 and at.sidebar.slider(key="n_prompts").value == 8
 
 
