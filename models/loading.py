@@ -223,8 +223,9 @@ def _check_device(device: str) -> str:
     return device
 
 
-def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load `spec` as (GPT2LMHeadModel in eval mode, tokenizer, ModelInfo).
+def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu", bos: bool = False):
+    """Load `spec` as (GPT2LMHeadModel in eval mode, tokenizer, ModelInfo); `bos`: the tokenizer prepends
+    `<|endoftext|>` (TransformerLens's convention: given one that does not, it loads the tokenizer again).
 
     LN-free checkpoints get FixedLayerNorm modules (exact linear maps).  They are loaded and de-scaled
     in float32 (float64 if asked for) before any cast: the stored weights, gamma * 1e6 / sigma,
@@ -246,7 +247,7 @@ def load_hf(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"
     try:
         model = GPT2LMHeadModel.from_pretrained(path, dtype=load_dtype, use_safetensors=True,
                                                 attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"add_bos_token": True} if bos else {}))
     except (OSError, ValueError, SafetensorError) as err:  # what the checks above could not foresee
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise ModelSpecError(f"Could not load {spec!r}: {first}") from None
@@ -269,5 +270,5 @@ def load_bridge(spec: str, dtype: str | torch.dtype = "float32", device: str = "
     """
     from models.bridge import bridge_from_hf
 
-    model, tokenizer, info = load_hf(spec, dtype, device)
+    model, tokenizer, info = load_hf(spec, dtype, device, bos=True)
     return LoadedModel(bridge_from_hf(model, tokenizer, info.spec), info)

@@ -117,6 +117,23 @@ def test_bridge_lnfree_scale_is_constant_sigma(tiny_lnfree_dir, tokenizer, tiny_
     assert torch.allclose(scale, torch.full_like(scale, tiny_sigmas["ln_final"]))
 
 
+def test_bridge_tokenizer_is_loaded_once_with_bos(monkeypatch):
+    """The bridge's tokenizer prepends BOS (TransformerLens's convention) and is the one load_hf read: given a
+    tokenizer without it, TransformerLens reads the tokenizer files a second time (0.05-0.2 s per model)."""
+    from transformers import AutoTokenizer
+
+    calls = []
+    read = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(k) or read(*a, **k))
+    model = load_bridge("demo")
+    assert calls == [{"add_bos_token": True}]
+    text = "And David said unto Saul"
+    want = read(loading.resolve("demo"), add_bos_token=True)(text).input_ids
+    assert want[0] == model.bridge.tokenizer.bos_token_id and want[1:] == read(loading.resolve("demo"))(text).input_ids
+    assert model.bridge.to_tokens(text)[0].tolist() == want
+    assert load_hf("demo")[1](text).input_ids == want[1:]  # training and evaluation tokenize without BOS
+
+
 def test_dtype_option(tiny_ln_dir):
     model, _, _ = load_hf(str(tiny_ln_dir), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
