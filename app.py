@@ -83,7 +83,7 @@ else:  # the page, for one session
 
     CUSTOM_PAIR = "Custom (hub names or local directories)"
     PAIR_LABELS = {f"{ln}  |  {lnfree}": (ln, lnfree) for ln, lnfree in PAIRS.items()}
-    DEFAULT_PAIR = "demo  |  demo-lnfree"
+    DEFAULT_PAIR = next(label for label, pair in PAIR_LABELS.items() if pair == view.DEMO_PAIR)
     TASK_HELP = {
         "custom": "Your prompt, answer and counterfactual (and optionally a corrupted prompt). The preset: both demo "
                   "models copy the name that followed 'David said unto' before (a copy behaviour, like induction); "
@@ -98,7 +98,7 @@ else:  # the page, for one session
     SHORT_S = 1.0  # how long the first drawing waits for the rest of an analysis after its numbers: the demo
     # pair's whole analysis fits in it, so its page is drawn once, complete (each redraw costs the browser ~1 s)
     # Every widget's first value; the opening view is induction, which the demo pair gets right.
-    DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": "demo", "lnfree_spec": "demo-lnfree", "task": "induction",
+    DEFAULTS = {"pair": DEFAULT_PAIR, "ln_spec": view.DEMO_PAIR[0], "lnfree_spec": view.DEMO_PAIR[1], "task": "induction",
                 **PRESET, "position": -1, "n_prompts": 8, "seq_len": 20, "top_k": 10, "per_position": False,
                 "full_sweeps": False, "verify_top": Settings.verify_top, "live": True, "vanilla_spec": "",
                 "left": "original", "tab": "Summary"}

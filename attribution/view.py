@@ -47,12 +47,23 @@ PANELS = {
 }
 
 
+DEMO_PAIR = ("demo", "demo-lnfree")  # what the app opens on without a pair on its command line
+
+
 def launch_args(argv: list[str]) -> argparse.Namespace:
     """What comes after `--` in `streamlit run app.py -- ...`, unchecked (argparse.ArgumentError if unusable)."""
     p = argparse.ArgumentParser(prog="streamlit run app.py --", add_help=False, exit_on_error=False)
     for flag in ("--ln", "--lnfree", "--vanilla", "--dtype", "--device"):
         p.add_argument(flag)
     return p.parse_known_args(argv)[0]
+
+
+def opening_pair(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The left column's and the LN-free model's specs in the first view, from the command line alone (see
+    from_launch_args); None on the left: the LN-free model's recorded base, known once it is loaded."""
+    if not (args.ln or args.lnfree or args.vanilla):
+        return DEMO_PAIR
+    return args.vanilla or args.ln or None, args.lnfree or DEMO_PAIR[1]
 
 
 def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair: str) -> tuple[dict, list[str]]:
@@ -68,7 +79,7 @@ def from_launch_args(argv: list[str], choices: dict[str, list[str]], custom_pair
         elif value is not None:
             problems.append(f"--{key} {value!r} is not available here; use one of {', '.join(choices[key])}.")
     if args.ln or args.lnfree or args.vanilla:
-        values.update(pair=custom_pair, ln_spec=args.ln or "", lnfree_spec=args.lnfree or "demo-lnfree")
+        values.update(pair=custom_pair, ln_spec=args.ln or "", lnfree_spec=opening_pair(args)[1])
     if args.vanilla:  # the left column starts on it
         values.update(vanilla_spec=args.vanilla, left="vanilla")
     return values, problems

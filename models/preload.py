@@ -55,21 +55,20 @@ def _load(argv: list[str]) -> None:
         import attribution.circuits  # noqa: F401 - the page's imports, so that its first run finds them done
         import attribution.export  # noqa: F401
         import attribution.findings  # noqa: F401
-        from attribution.view import launch_args
+        from attribution.view import launch_args, opening_pair
         from models.loading import load_bridge
 
         args = launch_args(argv)
+        ln_spec, lnfree_spec = opening_pair(args)
         dtype, device = args.dtype or "float32", args.device or "cpu"
-        custom = args.ln or args.lnfree or args.vanilla
-        lnfree = _expect(args.lnfree or "demo-lnfree", dtype, device)
-        ln_spec = (args.vanilla or args.ln) if custom else "demo"  # the left column's model
+        lnfree = _expect(lnfree_spec, dtype, device)
         ln = _expect(ln_spec, dtype, device) if ln_spec else None
     except Exception:  # noqa: BLE001 - a command line the page reports
         return
     finally:
         _known.set()
     try:
-        model = load_bridge(args.lnfree or "demo-lnfree", dtype, device)
+        model = load_bridge(lnfree_spec, dtype, device)
     except BaseException as err:  # noqa: BLE001 - kept for `take`, which forgets it
         lnfree.set_exception(err)
         return
