@@ -40,7 +40,7 @@ def test_the_shipped_demo_is_the_defaults_then_the_bos_stage():
     same(report["train_args"], [*BOS_STAGE, "--init-from", report["train_args"]["init_from"]])
     assert report["train_args"]["bos"] and report["train_args"]["induction_steps"] == 0
     assert len(report["init"]["weights_sha256"]) == 64
-    assert report["tokens_seen"] == 400 * 32 * 256
+    assert report["tokens_seen"] == int(BOS_STAGE[BOS_STAGE.index("--steps") + 1]) * 32 * 256
 
 
 def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
