@@ -75,12 +75,14 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     init = json.loads((again / "training.json").read_text())["init"]  # what it continued from, recorded
     assert init["spec"] == str(out) and init["training"] == report
     assert init["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.
+    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put; the same
+    # run trains in bfloat16 autocast.
     frozen = tmp_path / "frozen"
     proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(frozen), "--init-from", str(out),
-                           "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                           "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--autocast", "bfloat16",
                            "--induction-steps", "0", "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((frozen / "training.json").read_text())["train_args"]["autocast"] == "bfloat16"
     moved = load_hf(str(frozen))[0].transformer
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
     assert torch.equal(moved.wpe.weight, model.transformer.wpe.weight)

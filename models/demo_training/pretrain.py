@@ -10,7 +10,7 @@ seed: first span-only steps on repeated random tokens (which form the induction 
 then text with a share of span rows.  Writes a Hugging Face directory and
 `training.json` (held-out CE, induction losses; with --init-from, the training.json of
 the model it continued from under "init").  The shipped model is the two runs above
-(73 + 30 min on 2 CPU cores): the defaults, on packed chunks, where the induction heads
+(73 + 25 min on 2 CPU cores): the defaults, on packed chunks, where the induction heads
 form, then BOS_STAGE, which continues that model on chunks that start with
 `<|endoftext|>` (from the start, BOS chunks stop the heads forming).  NOTES.md beside
 this file has the runs behind them.
