@@ -40,7 +40,8 @@ def test_the_shipped_demo_is_the_defaults_then_the_bos_stage():
     same(report["train_args"], [*BOS_STAGE, "--init-from", report["train_args"]["init_from"]])
     assert report["train_args"]["bos"] and report["train_args"]["induction_steps"] == 0
     assert len(report["init"]["weights_sha256"]) == 64
-    assert report["tokens_seen"] == int(BOS_STAGE[BOS_STAGE.index("--steps") + 1]) * 32 * 256
+    stage = args(BOS_STAGE)
+    assert report["tokens_seen"] == stage["steps"] * stage["batch_size"] * stage["n_ctx"]
 
 
 def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
@@ -75,15 +76,20 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     init = json.loads((again / "training.json").read_text())["init"]  # what it continued from, recorded
     assert init["spec"] == str(out) and init["training"] == report
     assert init["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put; the same
-    # run trains in bfloat16 autocast.
+    # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.  The same
+    # 3 steps with and without bfloat16 autocast: the flag is recorded and changes the arithmetic.
+    def frozen_run(path, autocast):
+        proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(path), "--init-from", str(out),
+                               "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--autocast", autocast,
+                               "--induction-steps", "0", "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((path / "training.json").read_text())["train_args"]["autocast"] == autocast
+        return load_hf(str(path))[0].transformer
+
     frozen = tmp_path / "frozen"
-    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(frozen), "--init-from", str(out),
-                           "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--autocast", "bfloat16",
-                           "--induction-steps", "0", "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((frozen / "training.json").read_text())["train_args"]["autocast"] == "bfloat16"
-    moved = load_hf(str(frozen))[0].transformer
+    moved = frozen_run(frozen, "bfloat16")
+    in_float32 = frozen_run(tmp_path / "frozen32", "off")
+    assert not torch.equal(moved.h[0].attn.c_attn.weight, in_float32.h[0].attn.c_attn.weight)
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
     assert torch.equal(moved.wpe.weight, model.transformer.wpe.weight)
     assert not torch.equal(moved.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
