@@ -86,8 +86,7 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
         assert json.loads((path / "training.json").read_text())["train_args"]["autocast"] == autocast
         return load_hf(str(path))[0].transformer
 
-    frozen = tmp_path / "frozen"
-    moved = frozen_run(frozen, "bfloat16")
+    moved = frozen_run(tmp_path / "frozen", "bfloat16")
     in_float32 = frozen_run(tmp_path / "frozen32", "off")
     assert not torch.equal(moved.h[0].attn.c_attn.weight, in_float32.h[0].attn.c_attn.weight)
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
