@@ -78,13 +78,18 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     assert init["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     # --embed-lr-scale reaches the embeddings' learning rate: at 0 they (and only they) stay put.  The same
     # 3 steps with and without bfloat16 autocast: the flag is recorded and changes the arithmetic.
-    def frozen_run(path, autocast):
+    # --autocast text: bfloat16 on the text steps (as "bfloat16"), float32 on the span-only ones (as "off").
+    def frozen_run(path, autocast, span_steps=0, text_steps=3):
         proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(path), "--init-from", str(out),
-                               "--n-ctx", "128", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--autocast", autocast,
-                               "--induction-steps", "0", "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                               "--n-ctx", "128", "--batch-size", "2", "--steps", str(text_steps), "--warmup", "1",
+                               "--autocast", autocast, "--induction-steps", str(span_steps), "--induction-ctx", "32",
+                               "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((path / "training.json").read_text())["train_args"]["autocast"] == autocast
         return load_hf(str(path))[0].transformer
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
     moved = frozen_run(tmp_path / "frozen", "bfloat16")
     in_float32 = frozen_run(tmp_path / "frozen32", "off")
@@ -92,6 +97,19 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     assert torch.equal(moved.wte.weight, model.transformer.wte.weight)
     assert torch.equal(moved.wpe.weight, model.transformer.wpe.weight)
     assert not torch.equal(moved.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    assert same(frozen_run(tmp_path / "text", "text"), moved)
+    assert same(*(frozen_run(tmp_path / f"spans-{mode}", mode, span_steps=3, text_steps=0) for mode in ("text", "off")))
+    # --induction-offsets: span-only steps at ctx 32 train the position embeddings beyond 32 too.  Without
+    # it those rows get no gradient, so AdamW only decays them (by 1 - lr * 0.1 a step).
+    offset = tmp_path / "offsets"
+    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(offset), "--init-from", str(out),
+                           "--n-ctx", "128", "--batch-size", "4", "--steps", "0", "--induction-steps", "2",
+                           "--induction-ctx", "32", "--induction-offsets", "--heldout-chunks", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((offset / "training.json").read_text())["train_args"]["induction_offsets"] is True
+    before, after = model.transformer.wpe.weight[32:], load_hf(str(offset))[0].transformer.wpe.weight[32:]
+    assert (after - before * (1 - 3e-3 * 0.1) ** 2).abs().max() > 1e-3
     refused = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(tmp_path / "no"),
                               "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--init-from keeps" in refused.stderr and not (tmp_path / "no").exists()

@@ -2,7 +2,7 @@
 
     python -m models.demo_training.pretrain --out /tmp/demo-packed
     python -m models.demo_training.pretrain --init-from /tmp/demo-packed --out models/demo \
-        --induction-steps 0 --steps 400 --bos --lr 5e-4 --min-lr 1e-4 --warmup 20
+        --induction-steps 0 --steps 400 --bos --lr 5e-4 --min-lr 1e-4 --warmup 20 --autocast bfloat16
 
 Trains a byte-level BPE tokenizer (8192 tokens, `<|endoftext|>` as EOT) on the train
 split, then a 4-layer GPT-2 (d_model 256, 4 heads, n_ctx 256) with AdamW and a fixed
@@ -10,10 +10,10 @@ seed: first span-only steps on repeated random tokens (which form the induction 
 then text with a share of span rows.  Writes a Hugging Face directory and
 `training.json` (held-out CE, induction losses; with --init-from, the training.json of
 the model it continued from under "init").  The shipped model is the two runs above
-(73 + 25 min on 2 CPU cores): the defaults, on packed chunks, where the induction heads
-form, then BOS_STAGE, which continues that model on chunks that start with
-`<|endoftext|>` (from the start, BOS chunks stop the heads forming).  NOTES.md beside
-this file has the runs behind them.
+(42 + 11 min on 2 CPU cores, bfloat16 autocast on the text steps): the defaults, on
+packed chunks, where the induction heads form, then BOS_STAGE, which continues that
+model on chunks that start with `<|endoftext|>` (from the start, BOS chunks stop the
+heads forming).  NOTES.md beside this file has the runs behind them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ EOT = "<|endoftext|>"
 DEMO_DIR = DEMO_DIRS["demo"]
 # The shipped demo's second run (with --init-from the first's output): text chunks that start with EOT, as
 # the app's prompts do, a quarter of each batch still repeated spans so that the induction heads stay.
-BOS_STAGE = ["--induction-steps", "0", "--steps", "400", "--bos", "--lr", "5e-4", "--min-lr", "1e-4", "--warmup", "20"]
+# Every step is a text step, so "bfloat16" does what the default "text" would; training.json records it.
+BOS_STAGE = ["--induction-steps", "0", "--steps", "400", "--bos", "--lr", "5e-4", "--min-lr", "1e-4", "--warmup", "20",
+             "--autocast", "bfloat16"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -135,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--induction-ctx", type=int, default=64, help="sequence length of those steps")
     ap.add_argument("--induction-lengths", type=int, nargs=2, default=[5, 25], metavar=("MIN", "MAX"),
                     help="span lengths of those steps")
+    ap.add_argument("--induction-offsets", action="store_true",
+                    help="those steps' rows start at a random position in [0, n_ctx - induction_ctx] (position_ids), "
+                         "so every position embedding, not only the first induction_ctx, learns the copy; slower "
+                         "to form the heads (NOTES.md)")
     ap.add_argument("--induction-lr", type=float, default=3e-3,
                     help="constant learning rate of those steps (default: they follow the cosine schedule, "
                          "which then covers every step)")
@@ -150,10 +156,11 @@ def parser() -> argparse.ArgumentParser:
                     help="every text chunk (training and held-out) starts with <|endoftext|>, so position 0 is a "
                          "constant token as when GPT-2 is prompted (span rows always do); with the other "
                          "defaults the induction heads do not form (NOTES.md)")
-    ap.add_argument("--autocast", choices=["off", "bfloat16"], default="off",
+    ap.add_argument("--autocast", choices=["off", "bfloat16", "text"], default="text",
                     help="bfloat16: the forward pass in bfloat16 autocast (weights, optimiser and every evaluation stay "
-                         "float32), 1.7x faster a step on a 2-core CPU with AVX512-BF16; the shipped demo was trained "
-                         "without it, and the one run with it formed weaker induction heads (NOTES.md)")
+                         "float32), 1.7x faster a step on a 2-core CPU with AVX512-BF16; text (the default): on the text "
+                         "steps only, so the span-only steps, whose outcome decides whether the heads form, are the "
+                         "float32 ones that formed them (in bfloat16 the same seed forms weaker heads: NOTES.md)")
     ap.add_argument("--heldout-chunks", type=int, default=None, metavar="N",
                     help="evaluate on the first N held-out chunks only (default: all; training.json records the count)")
     return ap
@@ -200,10 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     for step in range(1, total + 1):
         in_induction = step <= args.induction_steps
+        positions = None  # transformers' default: 0..n-1
         if in_induction:
             n_text = 0
             ids = repeated_spans(args.batch_size, args.induction_ctx, len(tokenizer), eot, gen,
                                  lengths=tuple(args.induction_lengths))
+            if args.induction_offsets:
+                first = torch.randint(0, args.n_ctx - args.induction_ctx + 1, (len(ids), 1), generator=gen)
+                positions = first + torch.arange(args.induction_ctx)
         else:
             n_text = n_text_at(step)
             if cursor + n_text > len(order):
@@ -217,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
             for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
                 group["lr"] = args.induction_lr if in_induction else lr
         targets = next_token_targets(ids, n_text, args.repeats_only)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
-            logits = model(ids).logits
+        bf16 = args.autocast == "bfloat16" or (args.autocast == "text" and not in_induction)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, position_ids=positions).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
