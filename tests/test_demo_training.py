@@ -65,14 +65,20 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     model, _, info = load_hf(str(out))
     assert not info.ln_free and model.config.n_positions == 128
     assert model.transformer.wte.weight.std() > 0.5 and model.transformer.ln_f.weight.mean() < 0.5
+
+    def pretrain(path, *flags):  # a short continuation of `out`; its transformer
+        proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(path), "--init-from", str(out),
+                               "--n-ctx", "128", "--heldout-chunks", "1", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return load_hf(str(path))[0].transformer
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
     # --init-from continues from a model's weights (the initialisation defaults do not apply): with no
     # steps, the written model is that model.
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(again), "--init-from", str(out),
-                           "--n-ctx", "128", "--steps", "0", "--induction-steps", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    copy = load_hf(str(again))[0]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values(), strict=True))
+    assert same(model.transformer, pretrain(again, "--steps", "0", "--induction-steps", "0"))
     init = json.loads((again / "training.json").read_text())["init"]  # what it continued from, recorded
     assert init["spec"] == str(out) and init["training"] == report
     assert init["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
@@ -80,16 +86,10 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     # 3 steps with and without bfloat16 autocast: the flag is recorded and changes the arithmetic.
     # --autocast text: bfloat16 on the text steps (as "bfloat16"), float32 on the span-only ones (as "off").
     def frozen_run(path, autocast, span_steps=0, text_steps=3):
-        proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(path), "--init-from", str(out),
-                               "--n-ctx", "128", "--batch-size", "2", "--steps", str(text_steps), "--warmup", "1",
-                               "--autocast", autocast, "--induction-steps", str(span_steps), "--induction-ctx", "32",
-                               "--embed-lr-scale", "0", "--heldout-chunks", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        moved = pretrain(path, "--batch-size", "2", "--steps", str(text_steps), "--warmup", "1", "--autocast", autocast,
+                         "--induction-steps", str(span_steps), "--induction-ctx", "32", "--embed-lr-scale", "0")
         assert json.loads((path / "training.json").read_text())["train_args"]["autocast"] == autocast
-        return load_hf(str(path))[0].transformer
-
-    def same(a, b):
-        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+        return moved
 
     moved = frozen_run(tmp_path / "frozen", "bfloat16")
     in_float32 = frozen_run(tmp_path / "frozen32", "off")
@@ -102,13 +102,10 @@ def test_pretrain_demo_runs_its_induction_recipe(tmp_path):
     # --induction-offsets: span-only steps at ctx 32 train the position embeddings beyond 32 too.  Without
     # it those rows get no gradient, so AdamW only decays them (by 1 - lr * 0.1 a step).
     offset = tmp_path / "offsets"
-    proc = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(offset), "--init-from", str(out),
-                           "--n-ctx", "128", "--batch-size", "4", "--steps", "0", "--induction-steps", "2",
-                           "--induction-ctx", "32", "--induction-offsets", "--heldout-chunks", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = pretrain(offset, "--batch-size", "4", "--steps", "0", "--induction-steps", "2", "--induction-ctx", "32",
+                     "--induction-offsets").wpe.weight[32:]
     assert json.loads((offset / "training.json").read_text())["train_args"]["induction_offsets"] is True
-    before, after = model.transformer.wpe.weight[32:], load_hf(str(offset))[0].transformer.wpe.weight[32:]
+    before = model.transformer.wpe.weight[32:]
     assert (after - before * (1 - 3e-3 * 0.1) ** 2).abs().max() > 1e-3
     refused = subprocess.run([sys.executable, "-m", "models.demo_training.pretrain", "--out", str(tmp_path / "no"),
                               "--init-from", str(out), "--embed-std", "1"], cwd=ROOT, capture_output=True, text=True)
