@@ -2,7 +2,7 @@
 
     python -m models.demo_training.pretrain --out /tmp/demo-packed
     python -m models.demo_training.pretrain --init-from /tmp/demo-packed --out models/demo \
-        --induction-steps 0 --steps 400 --bos --lr 5e-4 --min-lr 1e-4 --warmup 20 --autocast bfloat16
+        --induction-steps 0 --steps 1200 --bos --lr 5e-4 --min-lr 1e-4 --warmup 20 --autocast bfloat16
 
 Trains a byte-level BPE tokenizer (8192 tokens, `<|endoftext|>` as EOT) on the train
 split, then a 4-layer GPT-2 (d_model 256, 4 heads, n_ctx 256) with AdamW and a fixed
@@ -10,7 +10,7 @@ seed: first span-only steps on repeated random tokens (which form the induction 
 then text with a share of span rows.  Writes a Hugging Face directory and
 `training.json` (held-out CE, induction losses; with --init-from, the training.json of
 the model it continued from under "init").  The shipped model is the two runs above
-(42 + 11 min on 2 CPU cores, bfloat16 autocast on the text steps): the defaults, on
+(42 + 31 min on 2 CPU cores, bfloat16 autocast on the text steps): the defaults, on
 packed chunks, where the induction heads form, then BOS_STAGE, which continues that
 model on chunks that start with `<|endoftext|>` (from the start, BOS chunks stop the
 heads forming).  NOTES.md beside this file has the runs behind them.
@@ -42,7 +42,7 @@ DEMO_DIR = DEMO_DIRS["demo"]
 # The shipped demo's second run (with --init-from the first's output): text chunks that start with EOT, as
 # the app's prompts do, a quarter of each batch still repeated spans so that the induction heads stay.
 # Every step is a text step, so "bfloat16" does what the default "text" would; training.json records it.
-BOS_STAGE = ["--induction-steps", "0", "--steps", "400", "--bos", "--lr", "5e-4", "--min-lr", "1e-4", "--warmup", "20",
+BOS_STAGE = ["--induction-steps", "0", "--steps", "1200", "--bos", "--lr", "5e-4", "--min-lr", "1e-4", "--warmup", "20",
              "--autocast", "bfloat16"]
 
 
