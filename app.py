@@ -90,7 +90,7 @@ else:  # the page, for one session
                   "in the corrupted prompt that name is Moses, and both then prefer ' Moses'.",
         "induction": "Repeated random tokens; corrupted: the second copy replaced by fresh tokens.",
         "ioi": "Indirect object identification; corrupted: the names swapped. The demo pair has no IOI circuit "
-               "(its metric stays near 0): use GPT-2 for this task.",
+               "(its metric is below 0: it prefers the repeated name): use GPT-2 for this task.",
     }
 
     USER_ERRORS = (ModelSpecError, AttributionInputError)

@@ -56,7 +56,8 @@ def test_inspect_cli_demo():
 def test_the_presets_do_what_the_app_says_on_both_demo_models():
     """The custom preset: both models' top-1 is the answer and the corrupted prompt lowers the metric; the
     induction task (the opening view): the same for its batch.  The IOI task: the demo has no IOI circuit
-    (the app says so), its metric moves little."""
+    (the app says so): it prefers the repeated name, a metric below 0, where a model with the circuit has
+    one well above it."""
     from attribution import Settings, compare
     from attribution.tasks import PRESET
     from models import load_bridge
@@ -69,4 +70,4 @@ def test_the_presets_do_what_the_app_says_on_both_demo_models():
             assert res.top_tokens[0][0] == res.answer
             assert res.metric_clean > res.metric_corrupt + 5
     ioi = compare(ln, lnfree, Settings(task="ioi", per_position=False))
-    assert all(abs(r.metric_clean) < 2 for r in (ioi.ln, ioi.lnfree))
+    assert all(r.metric_clean < 0 for r in (ioi.ln, ioi.lnfree))
