@@ -86,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
                          starts=(30, 174, 318, 534), gaps=(4, 4, 6), micro=8, seqs=504),
     "gpt2-xl": _paper("gpt2-xl", steps=1200, lr=1e-4, min_lr=2e-5, warmup=20, aux=0.01,
                       starts=(50, 242, 434, 722), gaps=(4, 4, 6), micro=4, seqs=504),
-    # 4 layers, ctx 256, 2 CPU cores (~16 min alone; 600 steps took 11): every LN gone by step 170 of 900,
+    # 4 layers, ctx 256, 2 CPU cores (16 min alone): every LN gone by step 170 of 900,
     # 2.8M tokens.  The steps after ln_f recover: on an earlier demo the twin ended +0.07 CE above the
     # vanilla control at 300 steps, +0.036 at 600; on the shipped demo (a better-trained base) +0.058 at
     # 600, +0.039 at 900.  Gentler than the paper's gaps: removing blocks.1's ln_1 v path blows the residual
