@@ -86,16 +86,16 @@ RECIPES: dict[str, Recipe] = {
                          starts=(30, 174, 318, 534), gaps=(4, 4, 6), micro=8, seqs=504),
     "gpt2-xl": _paper("gpt2-xl", steps=1200, lr=1e-4, min_lr=2e-5, warmup=20, aux=0.01,
                       starts=(50, 242, 434, 722), gaps=(4, 4, 6), micro=4, seqs=504),
-    # 4 layers, ctx 256, 2 CPU cores (16 min alone): every LN gone by step 170 of 900,
-    # 2.8M tokens.  The steps after ln_f recover: on an earlier demo the twin ended +0.07 CE above the
-    # vanilla control at 300 steps, +0.036 at 600; on the shipped demo (a better-trained base) +0.058 at
-    # 600, +0.039 at 900.  Gentler than the paper's gaps: removing blocks.1's ln_1 v path blows the residual
-    # up for a few steps (a ~1e5-1e7x gradient-norm spike that clipping and the aux loss repair), hence the
-    # lax spike check.  A quarter of the chunks are repeated random spans so that the induction heads stay
-    # in use, and the embeddings train at 10x the lr, as in the demo's pretraining (models/demo_training).
-    # Every chunk starts with <|endoftext|>, as the demo's last pretraining run and the app's prompts.
-    # 12 x 256 tokens a step (the paper's 512 x 1024 would take hours on a CPU), hence 10 warmup steps of
-    # 900; lr, min lr, aux lambda and momentum are gpt2's.
+    # 4 layers, ctx 256, 2 CPU cores (16 min alone): every LN gone by step 170 of 900, 2.8M tokens.  The steps
+    # after ln_f recover: on an earlier demo the twin ended +0.07 CE above the vanilla control at 300 steps,
+    # +0.036 at 600; on the shipped demo (a better-trained base) +0.058 at 600, +0.039 at 900.  Gentler than
+    # the paper's gaps: removing blocks.1's ln_1 v path blows the residual up for a few steps (a ~1e5-1e7x
+    # gradient-norm spike that clipping and the aux loss repair), hence the lax spike check.  A quarter of the
+    # chunks are repeated random spans so that the induction heads stay in use, and the embeddings train at
+    # 10x the lr, as in the demo's pretraining (models/demo_training). Every chunk starts with <|endoftext|>,
+    # as the demo's last pretraining run and the app's prompts. 12 x 256 tokens a step (the paper's 512 x 1024
+    # would take hours on a CPU), hence 10 warmup steps of 900; lr, min lr, aux lambda and momentum are
+    # gpt2's.
     "demo": Recipe(name="demo", steps=900, lr=6e-4, min_lr=3e-4, warmup=10, aux_lambda=0.1, ln2_start=20, ln2_gap=6,
                    qk_start=48, qk_gap=6, v_start=80, v_gap=20, lnf_step=170, micro_batch=12, grad_accum=1,
                    n_ctx=256, momentum=0.9, embed_lr_scale=10.0, span_frac=0.25, spike_factor=1e9, bos=1),
